@@ -1,0 +1,1 @@
+"""apq.toolchain.data"""
