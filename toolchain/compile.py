@@ -1,0 +1,185 @@
+"""apq-compile: any ONNX CNN (float or QDQ) -> TVM-compiled `.apq` artifact for a target.
+
+Pipeline: load + check ONNX -> resolve static input shapes -> Relax ONNX frontend ->
+QDQ lowering to integer kernels (when the model is quantized) -> DecomposeOpsForInference ->
+``tvm.compile`` for the target's JSON target -> export the VM executable as a shared library
+(cross-compiled for ARM boards) -> artifact with a manifest of what actually executes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apq.targets.registry import TargetSpec, get_target
+from apq.toolchain.artifact import LIBRARY, write_artifact
+from apq.toolchain.errors import ApqError
+from apq.toolchain.onnx_import import (
+    TensorSpec,
+    import_to_relax,
+    is_qdq_model,
+    load_onnx,
+    output_names,
+    resolve_input_specs,
+)
+
+
+@dataclass
+class CompileOptions:
+    """Options that change what is compiled; saved in the manifest so a build is reproducible."""
+
+    target: str = "host"
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    lower_qdq: bool = True  # lower QDQ chains to integer kernels (False: keep TVM's fake-quant float)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "CompileOptions":
+        return CompileOptions(**d)
+
+
+@dataclass
+class CompileResult:
+    artifact_path: Path
+    manifest: dict[str, Any]
+    compile_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"artifact": str(self.artifact_path), "compile_s": round(self.compile_s, 3),
+                "target": self.manifest["target"], "layers": self.manifest["layers"],
+                "inputs": self.manifest["inputs"], "outputs": self.manifest["outputs"]}
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import tvm
+
+    import apq
+
+    versions = {"apq": apq.__version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
+                "python": platform.python_version()}
+    try:
+        import tvm_ffi
+
+        versions["tvm_ffi"] = getattr(tvm_ffi, "__version__", "unknown")
+    except ImportError:
+        pass
+    return versions
+
+
+def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
+    """Target-independent Relax lowering shared by compile and benchmarks; returns (mod, layers)."""
+    from tvm import relax
+
+    from apq.toolchain.layers import describe_layers
+
+    if options.lower_qdq and is_qdq_model(model):
+        from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
+
+        mod = lower_qdq(mod, read_bits_hint(model))
+    layers = describe_layers(mod)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return mod, layers
+
+
+def build_library(mod, target: TargetSpec, out_dir: Path) -> Path:
+    """tvm.compile for the target and export the executable; cross-compile for ARM."""
+    import tvm
+
+    try:
+        ex = tvm.compile(mod, target.tvm())
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ApqError(f"TVM failed to compile for {target.name}: {msg}") from None
+    lib = out_dir / LIBRARY
+    if target.is_cross:
+        import shutil
+
+        if shutil.which(target.cross_compiler) is None:
+            raise ApqError(f"cross compiler {target.cross_compiler} not found; install "
+                           "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu (apt)")
+        from tvm.support import cc
+
+        ex.export_library(str(lib), fcompile=cc.cross_compiler(target.cross_compiler))
+    else:
+        ex.export_library(str(lib))
+    return lib
+
+
+def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
+    """Static output shapes/dtypes from the Relax main function's return type."""
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for i, leaf in enumerate(leaves):
+        shape = tuple(int(s) for s in leaf.shape.values) if leaf.shape is not None else ()
+        name = names[i] if i < len(names) else f"output_{i}"
+        specs.append(TensorSpec(name, shape, str(leaf.dtype)))
+    return specs
+
+
+def compile_onnx(onnx_path: str | Path, target: str = "host", out_path: str | Path | None = None,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 options: CompileOptions | None = None, extra_manifest: dict[str, Any] | None = None,
+                 progress: bool = False) -> CompileResult:
+    """Compile an ONNX file into an `.apq` artifact (see module docstring)."""
+    from tqdm import tqdm
+
+    onnx_path = Path(onnx_path)
+    spec = get_target(target)
+    options = options or CompileOptions(target=target)
+    options.target = target
+    if input_shapes:
+        options.input_shapes = {k: list(v) for k, v in input_shapes.items()}
+    out = Path(out_path) if out_path else onnx_path.with_suffix(".apq")
+    steps = tqdm(total=4, desc=f"apq-compile {onnx_path.name} -> {target}", disable=not progress, unit="step",
+                 leave=False)
+    try:
+        manifest, compile_s = _compile_steps(onnx_path, spec, options, out, extra_manifest, steps)
+    finally:
+        steps.close()
+    return CompileResult(out, manifest, compile_s)
+
+
+def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, out: Path,
+                   extra_manifest: dict[str, Any] | None, steps) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    model = load_onnx(onnx_path)
+    inputs = resolve_input_specs(model, {k: tuple(v) for k, v in options.input_shapes.items()})
+    steps.update(1)
+    mod = import_to_relax(model, inputs)
+    steps.update(1)
+    mod, layers = lower_module(mod, model, spec, options)
+    outputs = _output_specs(mod, output_names(model))
+    steps.update(1)
+    with tempfile.TemporaryDirectory(prefix="apq-build-") as tmp:
+        lib = build_library(mod, spec, Path(tmp))
+        steps.update(1)
+        compile_s = time.perf_counter() - t0
+        manifest: dict[str, Any] = {
+            "target": spec.name,
+            "target_spec": spec.to_json(),
+            "source_model": {"file": onnx_path.name, "quantized": is_qdq_model(model)},
+            "inputs": [s.to_json() for s in inputs],
+            "outputs": [s.to_json() for s in outputs],
+            "layers": [layer.to_json() for layer in layers],
+            "compile": {"options": options.to_json(), "seconds": round(compile_s, 3)},
+            "versions": tool_versions(),
+        }
+        if extra_manifest:
+            manifest.update(extra_manifest)
+        write_artifact(out, {LIBRARY: lib}, manifest)
+    return manifest, compile_s
+
+
+def manifest_json(result: CompileResult) -> str:
+    return json.dumps(result.manifest, indent=2, sort_keys=True)
