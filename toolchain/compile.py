@@ -141,7 +141,7 @@ def compile_onnx(onnx_path: str | Path, target: str = "host", out_path: str | Pa
     if input_shapes:
         options.input_shapes = {k: list(v) for k, v in input_shapes.items()}
     out = Path(out_path) if out_path else onnx_path.with_suffix(".apq")
-    steps = tqdm(total=4, desc=f"apq-compile {onnx_path.name} -> {target}", disable=not progress, unit="step",
+    steps = tqdm(total=4, desc=f"apq-compile {onnx_path.name} -> {target}", disable=None if progress else True, unit="step",
                  leave=False)
     try:
         manifest, compile_s = _compile_steps(onnx_path, spec, options, out, extra_manifest, steps)
