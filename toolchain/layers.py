@@ -1,0 +1,304 @@
+"""What actually executes, layer by layer, in a Relax module.
+
+The artifact manifest promises "per-layer precision actually executed". A QDQ ONNX model
+that TVM imports as quantize -> dequantize -> *float* conv is fake quant: it must be
+reported as 32-bit float even though the ONNX file says int8, otherwise the manifest would
+claim integer kernels that never run. So this module never trusts the ONNX file; it reads
+the dtypes of the conv2d / matmul calls in the Relax ``main`` function (after import or
+after :func:`apq.toolchain.qdq_lowering.lower_qdq`) and recognises bit-serial ``call_tir``
+kernels by name.
+
+Bit-widths below 8 are not visible in dtypes (apq stores 2/4-bit values in int8
+containers), so they come from the IR itself (the ``clip`` that bounds an activation) and,
+for weights, from a module attribute that ``lower_qdq`` writes, keyed by a fingerprint of
+the weight constant's values (Relax variable names do not survive import, values do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+#: IRModule attribute written by lower_qdq: {weight fingerprint: weight bits}.
+WEIGHT_BITS_ATTR = "apq_weight_bits"
+#: IRModule attribute written by lower_qdq: {weight fingerprint: ONNX initializer name}.
+WEIGHT_NAMES_ATTR = "apq_weight_names"
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class LayerRecord:
+    """One compute layer as it executes: kernel name and the bit-widths it really uses.
+
+    ``weight_bits`` / ``activation_bits`` are 32 for float execution (including fake-quant
+    QDQ), 8 for int8 kernels, and b < 8 for low-bit values in 8-bit containers or
+    bit-serial kernels; 0 means a bit-serial kernel that declares its bits nowhere (neither
+    ``apq.weight_bits``/``apq.activation_bits`` PrimFunc attributes nor an ``a<A>w<W>`` name).
+    """
+
+    name: str
+    op: str
+    kernel: str
+    weight_bits: int
+    activation_bits: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LayerRecord":
+        return cls(**d)
+
+    @property
+    def is_integer(self) -> bool:
+        return self.weight_bits < FLOAT_BITS and self.activation_bits < FLOAT_BITS
+
+
+def weight_fingerprint(values: np.ndarray) -> str:
+    """A stable id for a weight tensor's quantized values (dtype, shape and bytes).
+
+    Used to carry per-layer bit-widths from the ONNX file to the Relax module, where the
+    initializer's name is gone but its values survive unchanged as a constant.
+    """
+    a = np.ascontiguousarray(values)
+    h = hashlib.sha1()
+    h.update(str(a.dtype).encode())
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- IR helpers
+
+
+def _op_name(call: Any) -> str:
+    op = getattr(call, "op", None)
+    return str(getattr(op, "name", "")) if op is not None else ""
+
+
+def _dtype(expr: Any) -> str:
+    ty = getattr(expr, "ty", None)
+    return str(getattr(ty, "dtype", "")) if ty is not None else ""
+
+
+def const_value(expr: Any) -> np.ndarray | None:
+    """The value of a Relax constant (tensor constant or scalar IntImm/FloatImm), else None."""
+    from tvm.ir.expr import Constant
+
+    if not isinstance(expr, Constant):
+        return None
+    value = expr.value
+    if hasattr(value, "numpy"):
+        return value.numpy()
+    if isinstance(value, (bool, int, float)):
+        return np.array(value)
+    return None
+
+
+def _bindings(func: Any) -> list[Any]:
+    from tvm import relax
+
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return []
+    return [b for block in body.blocks for b in block.bindings]
+
+
+def _dtype_bits(dtype: str) -> int:
+    m = re.search(r"(\d+)$", dtype)
+    return int(m.group(1)) if m else FLOAT_BITS
+
+
+def range_bits(lo: int, hi: int) -> int:
+    """Bits of the integer range [lo, hi]: unsigned if lo >= 0, else two's complement."""
+    if lo >= 0:
+        return max(1, int(hi).bit_length())
+    return max(1, int(max(-lo - 1, hi)).bit_length() + 1)
+
+
+class _Producers:
+    """var -> bound value for main, to look through to what feeds a conv/matmul.
+
+    Also carries what describers need besides the IR walk: the module (to read PrimFunc
+    attributes of call_tir kernels) and the weight bits lower_qdq recorded.
+    """
+
+    def __init__(self, mod: Any, func: Any, wbits_by_fp: dict[str, int]) -> None:
+        self._by_var = {b.var: b.value for b in _bindings(func) if hasattr(b, "value")}
+        self.mod = mod
+        self.wbits_by_fp = wbits_by_fp
+
+    def __call__(self, expr: Any) -> Any:
+        return self._by_var.get(expr)
+
+    def through(self, expr: Any, ops: tuple[str, ...]) -> Any:
+        """Follow producers through layout-only / padding ops (reshape, pad, permute...)."""
+        seen = 0
+        while seen < 16:
+            val = self(expr)
+            if val is None or _op_name(val) not in ops:
+                return expr
+            expr = val.args[0]
+            seen += 1
+        return expr
+
+
+_PASS_THROUGH = ("relax.nn.pad", "relax.reshape", "relax.permute_dims", "relax.flatten")
+
+
+def _scalar(expr: Any) -> float | None:
+    """A one-element constant as a float, else None."""
+    arr = const_value(expr)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def _clip_step(val: Any) -> "tuple[Any, float | None, float | None] | None":
+    """(input, lower bound, upper bound) of one clip-like call, else None.
+
+    The ONNX frontend imports Clip on integer tensors as call_tir(maximum) then
+    call_tir(minimum); float Clip becomes relax.clip. All of them bound an activation.
+    """
+    name = _op_name(val)
+    if name == "relax.clip":
+        return val.args[0], _scalar(val.args[1]), _scalar(val.args[2])
+    if name in ("relax.minimum", "relax.maximum"):
+        args = list(val.args)
+    elif name == "relax.call_tir":
+        fn = str(getattr(val.args[0], "name_hint", ""))
+        if not fn.startswith(("minimum", "maximum")):
+            return None
+        name = "relax.minimum" if fn.startswith("minimum") else "relax.maximum"
+        args = list(getattr(val.args[1], "fields", []))
+    else:
+        return None
+    if len(args) != 2 or _scalar(args[1]) is None:
+        return None
+    bound = _scalar(args[1])
+    return (args[0], None, bound) if name == "relax.minimum" else (args[0], bound, None)
+
+
+def _activation_bits(producers: _Producers, data: Any) -> int:
+    """Bits of an integer activation: from the clip bounding the quantized value, else its dtype."""
+    dtype_bits = _dtype_bits(_dtype(data))
+    info = np.iinfo(np.dtype(_dtype(data))) if _dtype(data) in ("int8", "uint8", "int16", "uint16") else None
+    if info is None:
+        return dtype_bits
+    lo, hi = float(info.min), float(info.max)
+    expr = producers.through(data, _PASS_THROUGH)
+    for _ in range(8):
+        step = _clip_step(producers(expr))
+        if step is None:
+            break
+        expr, step_lo, step_hi = step
+        lo = max(lo, step_lo) if step_lo is not None else lo
+        hi = min(hi, step_hi) if step_hi is not None else hi
+        expr = producers.through(expr, _PASS_THROUGH)
+    return min(dtype_bits, range_bits(int(lo), int(hi)))
+
+
+def _is_dequantized(producers: _Producers, expr: Any) -> bool:
+    src = producers.through(expr, _PASS_THROUGH)
+    val = producers(src)
+    return val is not None and _op_name(val) == "relax.dequantize"
+
+
+# --------------------------------------------------------------------------- describers
+
+_Describer = Callable[[Any, _Producers], "tuple[str, str, int, int] | None"]
+
+
+def _describe_dot(kind: str) -> _Describer:
+    """conv2d / matmul: float (maybe fake-quant) or integer, from the operand dtypes."""
+
+    def describe(call: Any, producers: _Producers) -> tuple[str, str, int, int]:
+        data, weight = call.args[0], call.args[1]
+        a_dt, w_dt = _dtype(data), _dtype(weight)
+        if a_dt.startswith("float") or w_dt.startswith("float"):
+            fake = _is_dequantized(producers, data) or _is_dequantized(producers, weight)
+            suffix = "(fake-quant QDQ)" if fake else ""
+            out_dt = _dtype(call) or a_dt
+            return kind, f"{kind}.{out_dt}{suffix}", FLOAT_BITS, FLOAT_BITS
+        out_dt = _dtype(call)
+        w_arr = const_value(producers.through(weight, _PASS_THROUGH))
+        wbits = _dtype_bits(w_dt)
+        if w_arr is not None:
+            wbits = producers.wbits_by_fp.get(weight_fingerprint(w_arr), wbits)
+        abits = _activation_bits(producers, data)
+        return kind, f"{kind}.{a_dt}x{w_dt}->{out_dt}", wbits, abits
+
+    return describe
+
+
+_BITSERIAL_BITS = re.compile(r"a(\d+)w(\d+)")
+
+
+def _describe_call_tir(call: Any, producers: _Producers) -> tuple[str, str, int, int] | None:
+    """Bit-serial kernels (kernels/bitserial.py) by name; bits from PrimFunc attrs or name."""
+    gv = call.args[0]
+    name = str(getattr(gv, "name_hint", ""))
+    if not name.startswith("bitserial"):
+        return None
+    wbits = abits = None
+    if producers.mod is not None:
+        try:
+            func = producers.mod[gv]
+            attrs = func.attrs or {}
+            wbits = int(attrs["apq.weight_bits"]) if "apq.weight_bits" in attrs else None
+            abits = int(attrs["apq.activation_bits"]) if "apq.activation_bits" in attrs else None
+        except Exception:  # a foreign or malformed PrimFunc: fall back to the name
+            pass
+    m = _BITSERIAL_BITS.search(name)
+    if m:
+        abits = abits if abits is not None else int(m.group(1))
+        wbits = wbits if wbits is not None else int(m.group(2))
+    op = "dense" if "dense" in name else "conv2d" if "conv" in name else name
+    return op, name, int(wbits or 0), int(abits or 0)
+
+
+#: Registry: Relax op name -> describer. A new kernel family is one entry.
+DESCRIBERS: dict[str, _Describer] = {
+    "relax.nn.conv2d": _describe_dot("conv2d"),
+    "relax.matmul": _describe_dot("matmul"),
+    "relax.call_tir": _describe_call_tir,
+}
+
+
+def _module_attr(mod: Any, key: str) -> dict[Any, Any]:
+    value = mod.get_attr(key) if mod.attrs is not None else None
+    return dict(value) if value is not None else {}
+
+
+def describe_layers(mod: Any, func_name: str = "main") -> list[LayerRecord]:
+    """Every conv2d / matmul / bit-serial call of ``mod[func_name]`` and how it executes.
+
+    Layers are named ``<op>_<i>`` in program order, or by their ONNX weight initializer
+    when ``lower_qdq`` recorded it. Call it on the module before ``tvm.compile`` (after
+    import, ``lower_qdq`` or DecomposeOpsForInference): after FuseOps the calls move into
+    fused sub-functions that this walk of ``main`` does not enter.
+    """
+    func = mod[func_name]
+    wbits_by_fp = {str(k): int(v) for k, v in _module_attr(mod, WEIGHT_BITS_ATTR).items()}
+    names_by_fp = {str(k): str(v) for k, v in _module_attr(mod, WEIGHT_NAMES_ATTR).items()}
+    producers = _Producers(mod, func, wbits_by_fp)
+    records: list[LayerRecord] = []
+    for binding in _bindings(func):
+        call = getattr(binding, "value", None)
+        describer = DESCRIBERS.get(_op_name(call))
+        if describer is None:
+            continue
+        described = describer(call, producers)
+        if described is None:
+            continue
+        op, kernel, wbits, abits = described
+        name = f"{op}_{len(records)}"
+        if len(call.args) > 1:
+            w_arr = const_value(producers.through(call.args[1], _PASS_THROUGH))
+            if w_arr is not None and weight_fingerprint(w_arr) in names_by_fp:
+                name = names_by_fp[weight_fingerprint(w_arr)]
+        records.append(LayerRecord(name, op, kernel, int(wbits), int(abits)))
+    return records

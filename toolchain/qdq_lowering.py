@@ -1,0 +1,389 @@
+"""Lower fake-quant QDQ Relax graphs to integer conv2d / matmul kernels.
+
+TVM 0.27's ONNX frontend imports QuantizeLinear/DequantizeLinear faithfully but runs every
+Conv/Gemm in float on dequantized tensors ("fake quant"): the model is numerically
+quantized yet no integer kernel ever executes. :func:`lower_qdq` rewrites
+
+    conv2d(dequantize(q_x, s_x, z_x), dequantize(W_q, s_w[c], 0)) [+ dequantize(b_q, s_x*s_w[c], 0)]
+
+into ``conv2d(q_x, W_q, out_dtype="int32")`` (int8/uint8 x int8, exact int32 accumulation),
+an integer bias add, and one float rescale by ``s_x * s_w[c]`` per output channel. The
+following ``quantize`` (the requantization), relu/clip and the next layer's dequantize are
+left as they are: they already implement ONNX's rounding (round half to even, saturate),
+so the lowered graph computes exactly what the QDQ graph specifies, up to float32 rounding
+of the rescale (a rare one-LSB flip, as in onnxruntime's own QLinearConv). TVM's FuseOps
+folds the bias, rescale and quantize into the integer conv's kernel as an epilogue
+(``fused_conv2d_add_cast_multiply_quantize``), so the int32 accumulator never hits memory.
+
+Nonzero activation zero points (uint8 from onnxruntime's quantize_static) are handled
+exactly: conv(q_x - z_x, W) = conv(pad(q_x, value=z_x), W) - z_x * sum(W[c]). The padding
+must be done with z_x (not 0), because padding zeros in the float graph are the real value
+0.0, i.e. z_x in the quantized domain.
+
+Anything the rewrite cannot prove exact (nonzero weight zero points, per-channel activation
+scales, non-NCHW layouts) stays float and :func:`apq.toolchain.layers.describe_layers`
+reports it as fake quant: an honest float layer beats a wrong integer one.
+
+Bit-widths below 8 (apq's convention, docs/qdq_convention.md) do not change the kernels
+here (values live in 8-bit containers); they are carried to the layer report through
+module attributes keyed by weight fingerprints, see :func:`read_bits_hint`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from apq.toolchain.errors import InvalidInputError
+from apq.toolchain.layers import (
+    WEIGHT_BITS_ATTR,
+    WEIGHT_NAMES_ATTR,
+    const_value as _const,
+    range_bits,
+    weight_fingerprint,
+)
+
+CONVENTION_KEY = "apq.qdq_convention"
+BITS_KEY = "apq.bits"
+#: read_bits_hint adds "<initializer name>@<fingerprint>" aliases for weights, so that
+#: lower_qdq (which sees Relax constants, not ONNX names) can find a weight's bits.
+ALIAS_SEP = "@"
+
+
+# --------------------------------------------------------------------------- bits hint (ONNX side)
+
+
+def _initializers(model: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:  # Constant nodes hold clip bounds in some exporters
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    arrays[node.output[0]] = numpy_helper.to_array(attr.t)
+    return arrays
+
+
+def _parse_bits_metadata(model: Any) -> dict[str, int]:
+    props = {p.key: p.value for p in model.metadata_props}
+    if BITS_KEY not in props:
+        return {}
+    try:
+        raw = json.loads(props[BITS_KEY])
+        bits = {str(k): int(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise InvalidInputError(f"model metadata {BITS_KEY!r} is not a JSON object of integers: {e}") from None
+    bad = {k: v for k, v in bits.items() if not 1 <= v <= 8}
+    if bad:
+        raise InvalidInputError(f"model metadata {BITS_KEY!r} has bit-widths outside 1..8: {bad}")
+    return bits
+
+
+def read_bits_hint(onnx_model: Any) -> dict[str, int]:
+    """Per-tensor bit-widths of a QDQ model, following apq's QDQ convention.
+
+    Keys are ONNX names: weight initializers feeding a DequantizeLinear, and activation
+    QuantizeLinear outputs. ``apq.bits`` metadata is trusted when present; otherwise an
+    activation's bits are inferred from the Clip that follows its QuantizeLinear, and a
+    weight's are 8. Each weight also gets an alias ``"<name>@<fingerprint>"`` (fingerprint
+    of its integer values), which is how :func:`lower_qdq` recognises it after import.
+    """
+    declared = _parse_bits_metadata(onnx_model)
+    arrays = _initializers(onnx_model)
+    consumers: dict[str, list[Any]] = {}
+    for node in onnx_model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    hint: dict[str, int] = {}
+    for node in onnx_model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            out = node.output[0]
+            hint[out] = declared.get(out, _activation_bits_from_clip(out, consumers, arrays))
+        elif node.op_type == "DequantizeLinear":
+            name = node.input[0]
+            w = arrays.get(name)
+            if w is None or w.dtype not in (np.int8, np.uint8):
+                continue  # an activation, or an int32 bias: no bit-width of its own
+            bits = declared.get(name, 8)
+            hint[name] = bits
+            hint[f"{name}{ALIAS_SEP}{weight_fingerprint(w)}"] = bits
+    for name, bits in declared.items():  # names we could not classify are kept as given
+        hint.setdefault(name, bits)
+    return hint
+
+
+def _activation_bits_from_clip(out: str, consumers: dict[str, list[Any]], arrays: dict[str, np.ndarray]) -> int:
+    for node in consumers.get(out, []):
+        if node.op_type == "Clip" and len(node.input) >= 3:
+            lo, hi = arrays.get(node.input[1]), arrays.get(node.input[2])
+            if lo is not None and hi is not None:
+                return min(8, range_bits(int(lo), int(hi)))
+    return 8
+
+
+def _weight_hints(bits_hint: dict[str, int] | None) -> dict[str, tuple[str, int]]:
+    """fingerprint -> (ONNX name, bits), from the aliases read_bits_hint wrote."""
+    out: dict[str, tuple[str, int]] = {}
+    for key, bits in (bits_hint or {}).items():
+        name, sep, fp = key.rpartition(ALIAS_SEP)
+        if sep and len(fp) == 16 and all(c in "0123456789abcdef" for c in fp):
+            out[fp] = (name, int(bits))
+    return out
+
+
+# --------------------------------------------------------------------------- Relax side
+
+
+def _attr(call: Any, key: str) -> Any:
+    return getattr(call.attrs, key) if call.attrs is not None and hasattr(call.attrs, key) else None
+
+
+@dataclass
+class _Dequant:
+    """A dequantize(q, scale, zero_point, axis) whose scale and zero point are constants."""
+
+    q: Any  # the integer expression (Relax)
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    @classmethod
+    def of(cls, call: Any) -> "_Dequant | None":
+        scale, zp = _const(call.args[1]), _const(call.args[2])
+        if scale is None or zp is None:
+            return None
+        return cls(call.args[0], scale.astype(np.float32), zp, int(_attr(call, "axis")))
+
+
+@dataclass
+class _Lowering:
+    """State of one lower_qdq run: bit-widths to look up and to record."""
+
+    weight_hints: dict[str, tuple[str, int]]
+    weight_bits: dict[str, int] = field(default_factory=dict)
+    weight_names: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # raised after the rewrite (not across the FFI)
+
+    def weight(self, w: np.ndarray, emitted: np.ndarray) -> None:
+        """Record bits of a lowered weight (keyed by the constant as emitted) and check them."""
+        name, bits = self.weight_hints.get(weight_fingerprint(w), ("", 8))
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if w.size and (int(w.min()) < lo or int(w.max()) > hi):
+            self.errors.append(
+                f"weight {name or 'initializer'} holds values in [{int(w.min())}, {int(w.max())}], "
+                f"outside its declared {bits}-bit range [{lo}, {hi}]")
+        fp = weight_fingerprint(emitted)
+        self.weight_bits[fp] = bits
+        if name:
+            self.weight_names[fp] = name
+
+
+def _per_channel(scale: np.ndarray, channels: int, axis: int, want_axis: int) -> np.ndarray | None:
+    """Weight scale as a vector over output channels, or None if it is over another axis."""
+    if scale.size == 1:
+        return np.full(channels, scale.reshape(()), dtype=np.float32)
+    if scale.size == channels and axis == want_axis:
+        return scale.reshape(channels).astype(np.float32)
+    return None
+
+
+def _activation(deq: _Dequant) -> tuple[int, float] | None:
+    """(zero point, scale) of a per-tensor int8/uint8 activation, else None."""
+    if deq.scale.size != 1 or deq.zero_point.size != 1:
+        return None
+    if str(deq.q.ty.dtype) not in ("int8", "uint8"):
+        return None
+    return int(deq.zero_point.reshape(())), float(deq.scale.reshape(()))
+
+
+def _int_weight(deq: _Dequant) -> np.ndarray | None:
+    """The int8 weight values if the weight is symmetric (zero points all 0)."""
+    w = _const(deq.q)
+    if w is None or w.dtype != np.int8 or np.any(deq.zero_point != 0):
+        return None
+    return w
+
+
+def _bias_q(bias: Any, out_scale: np.ndarray) -> np.ndarray | None:
+    """int32 bias values if bias = dequantize(b_q, s_x*s_w, 0): then it adds exactly in int32."""
+    deq = _Dequant.of(bias)
+    b = _const(deq.q) if deq is not None else None
+    if b is None or b.dtype != np.int32 or np.any(deq.zero_point != 0) or b.size != out_scale.size:
+        return None
+    scale = np.broadcast_to(deq.scale.reshape(-1), out_scale.shape)
+    if not np.allclose(scale, out_scale, rtol=1e-5, atol=0):
+        return None
+    return b.reshape(-1)
+
+
+def _rescale(acc: Any, out_scale: np.ndarray, bias_q: np.ndarray | None, bshape: tuple[int, ...]) -> Any:
+    """int32 accumulator (+ int32 bias) -> float32 by the per-channel scale s_x * s_w[c]."""
+    from tvm import relax
+
+    if bias_q is not None:
+        acc = relax.op.add(acc, relax.const(bias_q.astype(np.int32).reshape(bshape)))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(out_scale.reshape(bshape)))
+
+
+@dataclass
+class _Match:
+    """The calls one pattern match binds: the dot op, its dequantized operands, the bias."""
+
+    dot: Any  # conv2d / matmul call
+    x: Any  # dequantize call of the activation
+    w: Any  # dequantize call of the weight
+    w_transposed: bool = False  # weight went through permute_dims([1, 0]) (Gemm transB)
+    bias: Any | None = None  # dequantize call of the bias, when the rule folds it
+
+
+def _operands(m: _Match) -> "tuple[int, float, np.ndarray, _Dequant] | None":
+    """(z_x, s_x, W_int8, weight dequant) when the activation and weight are lowerable."""
+    x_deq, w_deq = _Dequant.of(m.x), _Dequant.of(m.w)
+    if x_deq is None or w_deq is None:
+        return None
+    act, w = _activation(x_deq), _int_weight(w_deq)
+    if act is None or w is None:
+        return None
+    return act[0], act[1], w, w_deq
+
+
+def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
+    """conv2d(dequantize(x), dequantize(W)) [+ bias] -> integer conv2d + rescale, or None."""
+    from tvm import relax
+
+    conv = m.dot
+    if str(_attr(conv, "data_layout")) != "NCHW" or str(_attr(conv, "kernel_layout")) != "OIHW":
+        return None
+    ops = _operands(m)
+    if ops is None:
+        return None
+    zx, sx, w, w_deq = ops
+    out_ch = w.shape[0]
+    sw = _per_channel(w_deq.scale, out_ch, w_deq.axis % w.ndim, 0)
+    if sw is None:
+        return None
+    out_scale = (np.float32(sx) * sw).astype(np.float32)
+    bias_q = _bias_q(m.bias, out_scale) if m.bias is not None else None
+    if m.bias is not None and bias_q is None:
+        return None  # bias not exactly integer: the bias-free rule lowers the conv alone
+
+    padding = [int(p) for p in _attr(conv, "padding")]  # (top, left, bottom, right)
+    kwargs = dict(strides=[int(s) for s in _attr(conv, "strides")],
+                  dilation=[int(d) for d in _attr(conv, "dilation")],
+                  groups=int(_attr(conv, "groups")), out_dtype="int32")
+    data = _Dequant.of(m.x).q
+    if zx != 0 and any(padding):
+        # Padding is the real value 0.0, i.e. z_x in the quantized domain: pad explicitly.
+        top, left, bottom, right = padding
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
+        padding = [0, 0, 0, 0]
+    acc = relax.op.nn.conv2d(data, relax.const(w), padding=padding, **kwargs)
+    if zx != 0:
+        wsum = w.astype(np.int64).reshape(out_ch, -1).sum(axis=1)
+        acc = relax.op.subtract(acc, relax.const((zx * wsum).astype(np.int32).reshape(1, out_ch, 1, 1)))
+    state.weight(w, w)
+    return _rescale(acc, out_scale, bias_q, (1, out_ch, 1, 1))
+
+
+def _lower_matmul(state: _Lowering, m: _Match) -> Any | None:
+    """matmul(dequantize(x), [permute_dims](dequantize(W))) [+ bias] -> integer matmul + rescale."""
+    from tvm import relax
+
+    ops = _operands(m)
+    if ops is None:
+        return None
+    zx, sx, w, w_deq = ops
+    if w.ndim != 2:
+        return None
+    w_kn = np.ascontiguousarray(w.T if m.w_transposed else w)
+    out_ch = w_kn.shape[1]
+    sw = _per_channel(w_deq.scale, out_ch, w_deq.axis % 2, 0 if m.w_transposed else 1)
+    if sw is None:
+        return None
+    out_scale = (np.float32(sx) * sw).astype(np.float32)
+    bias_q = _bias_q(m.bias, out_scale) if m.bias is not None else None
+    if m.bias is not None and bias_q is None:
+        return None
+    acc = relax.op.matmul(_Dequant.of(m.x).q, relax.const(w_kn), out_dtype="int32")
+    if zx != 0:  # no padding in a matmul: the zero point is a per-column constant
+        acc = relax.op.subtract(acc, relax.const((zx * w_kn.astype(np.int64).sum(axis=0)).astype(np.int32)))
+    state.weight(w, w_kn)
+    return _rescale(acc, out_scale, bias_q, (out_ch,))
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One rewrite: a Relax dataflow pattern and the lowering to apply to its matches."""
+
+    name: str
+    op: str
+    with_bias: bool
+    lower: Callable[[_Lowering, _Match], Any | None]
+
+
+#: Registry of lowering rules, tried in order (bias-folding forms before bare ones).
+RULES: tuple[_Rule, ...] = (
+    _Rule("conv2d+bias", "relax.nn.conv2d", True, _lower_conv2d),
+    _Rule("matmul+bias", "relax.matmul", True, _lower_matmul),
+    _Rule("conv2d", "relax.nn.conv2d", False, _lower_conv2d),
+    _Rule("matmul", "relax.matmul", False, _lower_matmul),
+)
+
+
+def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
+    from tvm.relax import dpl
+
+    def deq() -> Any:
+        return dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+
+    x_deq, w_deq = deq(), deq()
+    w_perm = dpl.is_op("relax.permute_dims")(w_deq)
+    weight = (w_deq | w_perm) if rule.op == "relax.matmul" else w_deq
+    dot = dpl.is_op(rule.op)(x_deq, weight)
+    b_deq = deq()
+    pattern = dot
+    if rule.with_bias:
+        pattern = dpl.is_op("relax.add")(dot, b_deq | dpl.is_op("relax.reshape")(b_deq, dpl.wildcard()))
+
+    def rewrite(expr: Any, matches: Any) -> Any:
+        match = _Match(dot=matches[dot], x=matches[x_deq], w=matches[w_deq],
+                       w_transposed=w_perm in matches,
+                       bias=matches[b_deq] if rule.with_bias else None)
+        lowered = rule.lower(state, match)
+        return expr if lowered is None else lowered
+
+    return dpl.rewrite_call(pattern, rewrite, func)
+
+
+def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main") -> Any:
+    """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
+
+    ``bits_hint`` is :func:`read_bits_hint`'s result (or None: all weights 8-bit). Returns a
+    new module (the input is not modified) whose attributes record the weight bit-widths
+    for :func:`apq.toolchain.layers.describe_layers`. Raises InvalidInputError if a weight
+    holds values outside its declared bit range.
+    """
+    from tvm import relax
+
+    state = _Lowering(_weight_hints(bits_hint))
+    func = mod[func_name]
+    for rule in RULES:
+        func = _apply_rule(func, rule, state)
+    if state.errors:  # raised here: exceptions inside the rewriter callback lose their type in the FFI
+        raise InvalidInputError(state.errors[0])
+    func = relax.analysis.remove_all_unused(func)
+    out = mod.clone() if hasattr(mod, "clone") else mod
+    out[func_name] = func
+    out = relax.transform.Normalize()(out)
+    previous_bits = dict(out.get_attr(WEIGHT_BITS_ATTR) or {}) if out.attrs is not None else {}
+    previous_names = dict(out.get_attr(WEIGHT_NAMES_ATTR) or {}) if out.attrs is not None else {}
+    out = out.with_attr(WEIGHT_BITS_ATTR, {**{str(k): int(v) for k, v in previous_bits.items()},
+                                           **state.weight_bits})
+    out = out.with_attr(WEIGHT_NAMES_ATTR, {**{str(k): str(v) for k, v in previous_names.items()},
+                                            **state.weight_names})
+    return out
