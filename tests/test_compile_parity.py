@@ -122,3 +122,30 @@ def test_onnx_backend_model(tmp_path, case):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_mobilenetv2_qdq_runs_integer_kernels_and_matches_onnxruntime(tmp_path, mbv2_qdq):
+    res = compile_onnx(mbv2_qdq, "host", tmp_path / "q.apq")
+    layers = res.manifest["layers"]
+    assert len(layers) >= 20
+    assert all(layer["weight_bits"] == 8 and layer["activation_bits"] == 8 for layer in layers), layers
+    assert all("int32" in layer["kernel"] for layer in layers)
+    rep = verify_artifact(open_artifact(res.artifact_path), mbv2_qdq, seed=2)
+    assert rep.passed, rep.to_json()
+    assert rep.outputs[0].tolerance_rule == "output DequantizeLinear scale"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("which", ["float", "qdq"])
+def test_arm_artifact_matches_onnxruntime_under_qemu(tmp_path, which, mbv2_float, mbv2_qdq):
+    from apq.targets.qemu import qemu_available
+
+    ok, why = qemu_available()
+    if not ok:
+        pytest.skip(why)
+    model = mbv2_float if which == "float" else mbv2_qdq
+    res = compile_onnx(model, "raspberry-pi/4b-aarch64", tmp_path / "arm.apq")
+    art = open_artifact(res.artifact_path, "raspberry-pi/4b-aarch64")
+    rep = verify_artifact(art, model, seed=4)
+    assert rep.executed_on == "qemu-aarch64"
+    assert rep.passed, rep.to_json()
