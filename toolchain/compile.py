@@ -93,8 +93,10 @@ def build_library(mod, target: TargetSpec, out_dir: Path) -> Path:
     """tvm.compile for the target and export the executable; cross-compile for ARM."""
     import tvm
 
+    from apq.kernels.pipeline import compile_relax  # apq's CPU schedules (kernels/cpu_schedules.py)
+
     try:
-        ex = tvm.compile(mod, target.tvm())
+        ex = compile_relax(mod, target.tvm())
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise ApqError(f"TVM failed to compile for {target.name}: {msg}") from None

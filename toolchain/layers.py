@@ -46,6 +46,9 @@ class LayerRecord:
     kernel: str
     weight_bits: int
     activation_bits: int
+    #: layer geometry for cost models (apq.targets.layers.LayerShape fields without bits):
+    #: op conv|dwconv|dense, in_ch, out_ch, kernel, stride, in_h, in_w, groups, batch.
+    geometry: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,5 +303,39 @@ def describe_layers(mod: Any, func_name: str = "main") -> list[LayerRecord]:
             w_arr = const_value(producers.through(call.args[1], _PASS_THROUGH))
             if w_arr is not None and weight_fingerprint(w_arr) in names_by_fp:
                 name = names_by_fp[weight_fingerprint(w_arr)]
-        records.append(LayerRecord(name, op, kernel, int(wbits), int(abits)))
+        records.append(LayerRecord(name, op, kernel, int(wbits), int(abits), _geometry(op, call)))
     return records
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    shape = getattr(ty, "shape", None)
+    try:
+        return [int(v) for v in shape.values] if shape is not None else None
+    except (TypeError, AttributeError):  # symbolic dims
+        return None
+
+
+def _geometry(op: str, call: Any) -> dict[str, Any] | None:
+    """Static geometry of a conv2d (NCHW/OIHW) or matmul call, or None when not static."""
+    try:
+        if op == "conv2d" and _op_name(call) == "relax.nn.conv2d":
+            x, w, y = _static_shape(call.args[0]), _static_shape(call.args[1]), _static_shape(call)
+            if x is None or w is None or y is None or len(x) != 4 or str(call.attrs.data_layout) != "NCHW":
+                return None
+            groups = int(call.attrs.groups)
+            strides = [int(v) for v in call.attrs.strides]
+            kind = "dwconv" if groups == x[1] and groups > 1 and w[0] == x[1] else "conv"
+            # in_h/in_w as the "same"-padded input that yields this output: lower_qdq pads
+            # explicitly (zero points), so the conv's own input is larger than the layer's.
+            return {"op": kind, "in_ch": x[1], "out_ch": w[0], "kernel": w[2], "stride": strides[0],
+                    "in_h": y[2] * strides[0], "in_w": y[3] * strides[1], "groups": groups, "batch": x[0]}
+        if op == "matmul":
+            x, out = _static_shape(call.args[0]), _static_shape(call)
+            if x is None or out is None or len(x) != 2:
+                return None
+            return {"op": "dense", "in_ch": x[1], "out_ch": out[-1], "kernel": 1, "stride": 1, "in_h": 1,
+                    "in_w": 1, "groups": 1, "batch": x[0]}
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return None

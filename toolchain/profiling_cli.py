@@ -74,10 +74,20 @@ def simulated_cost(manifest: dict[str, Any]) -> dict[str, Any]:
     from apq.targets.bitfusion import simulate_network
     from apq.targets.layers import LayerShape
 
-    shapes = [LayerShape.from_json(d["shape"]) for d in manifest.get("layers", []) if d.get("shape")]
+    shapes, widened = [], 0
+    for layer in manifest.get("layers", []):
+        geo = layer.get("geometry")
+        if not geo:
+            continue
+        # BitFusion has no float datapath: float layers are simulated at its widest (16-bit) bricks.
+        w, a = (min(layer["weight_bits"], 16), min(layer["activation_bits"], 16))
+        widened += layer["weight_bits"] > 16 or layer["activation_bits"] > 16
+        shapes.append(LayerShape(w_bits=max(w, 1), a_bits=max(a, 1), **geo))
     if not shapes:
-        return {"source": "simulated", "text": "bitfusion: no layer shapes in the manifest to simulate"}
+        return {"source": "simulated", "text": "bitfusion: no layer geometry in the manifest to simulate"}
     net = simulate_network(shapes)
+    note = f"; {widened} float layer(s) simulated as 16-bit" if widened else ""
     return {"source": net.source, "model": net.model, "latency_ms": net.latency_ms, "energy_uj": net.energy_uj,
+            "layers": len(shapes), "float_layers_as_16bit": widened,
             "text": f"bitfusion (simulated, {net.model}): {net.latency_ms:.4f} ms, {net.energy_uj:.2f} uJ "
-                    f"over {len(shapes)} layers"}
+                    f"over {len(shapes)} layers{note}"}

@@ -1,0 +1,504 @@
+"""Schedule rules for the CPU PrimFuncs that Relax produces (conv2d NCHW, matmul, anything else).
+
+Why this exists: TVM 0.27's default CPU pipeline legalizes and fuses Relax ops into TIR
+PrimFuncs but schedules none of them: every kernel runs as single-threaded scalar loops, 10-30x
+behind onnxruntime. ``dlight.cpu`` only covers GEMV and softmax-like reductions. These rules
+give every PrimFunc a fixed, analytic schedule (no search, a few milliseconds per function):
+
+- :class:`Conv2dNCHWRule`: register-blocked output tile (``oc_tile`` output channels x a few
+  SIMD vectors along the output width, or along ``H*W`` for stride-1 pointwise convs, which
+  are GEMMs), the reduction (ic, kh, kw) outside the tile, accumulators in a local buffer,
+  the fused epilogue (bias, ReLU6, requantize, residual add) computed per tile while the
+  accumulators are hot. It matches on the iteration structure, not on the dtype, so the same
+  rule schedules float32 and the integer ``int8 x int8 -> int32`` convs from qdq_lowering.
+- :class:`MatmulRule`: the same idea for ``[M, K] x [K, N]`` dense layers.
+- :class:`GenericRule`: anything else (pads, quantize, pooling, reshapes): inline elementwise
+  chains, parallelize the fused outer loops, vectorize the inner ones.
+
+The rules follow dlight's ``ScheduleRule`` protocol and are applied by its
+``ApplyDefaultSchedule`` pass (see :mod:`apq.kernels.pipeline`). Every rule returns None
+(= "not mine") rather than raising, and :class:`GenericRule` accepts everything, so a model
+never fails to compile because of a schedule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+#: SIMD register width in bits, by the first target feature present (registry, not if-chain).
+_VECTOR_BITS_BY_FEATURE: tuple[tuple[str, int], ...] = (
+    ("avx512f", 512),
+    ("avx2", 256),
+    ("avx", 256),
+    ("sse2", 128),
+    ("neon", 128),
+    ("sve", 128),  # SVE is length-agnostic; 128 is the floor every SVE core has
+)
+
+
+@dataclass(frozen=True)
+class CpuScheduleConfig:
+    """Knobs of the analytic schedules; one per target, saved so a build can be reproduced.
+
+    ``vector_bits``: SIMD width (512 on AVX-512, 128 on NEON). ``num_cores``: parallel
+    workers the schedule should feed. ``accumulators``: vector registers a conv tile may use
+    for accumulators (AVX-512 has 32, NEON 32; keep room for inputs and broadcasts).
+    ``max_oc_tile``: most output channels per register tile. ``min_parallel_work``: below
+    this many scalar iterations a loop nest is not worth waking the thread pool for.
+    """
+
+    vector_bits: int = 128
+    num_cores: int = 1
+    accumulators: int = 16
+    max_oc_tile: int = 8
+    min_parallel_work: int = 4096
+
+    def lanes(self, dtype_bits: int) -> int:
+        """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""
+        return max(1, self.vector_bits // max(1, dtype_bits))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "CpuScheduleConfig":
+        return CpuScheduleConfig(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @staticmethod
+    def for_target(target: Any) -> "CpuScheduleConfig":
+        """Derive the config from a TVM target (LLVM's feature list for the target's CPU)."""
+        from tvm.target import codegen
+
+        attrs = dict(target.attrs)
+        cores = int(attrs.get("num-cores", 1) or 1)
+        bits = 128
+        for feature, width in _VECTOR_BITS_BY_FEATURE:
+            try:
+                if codegen.target_has_features(feature, target):
+                    bits = width
+                    break
+            except Exception:  # feature unknown to this LLVM backend: not present
+                continue
+        return CpuScheduleConfig(vector_bits=bits, num_cores=cores)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _divisors_up_to(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(_divisors_up_to(n, max(1, cap)))
+
+
+def _int_extent(sch: Any, loop: Any) -> int | None:
+    from tvm import tirx
+
+    ext = sch.get(loop).extent
+    return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+
+def _iter_kinds(sch: Any, block: Any) -> str:
+    """'S' for data-parallel, 'R' for reduction, 'O' otherwise, one letter per block iter."""
+    kinds = {0: "S", 2: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
+
+
+def _dtype_bits(sch: Any, block: Any) -> int:
+    return int(sch.get(block).writes[0].source.dtype.bits)
+
+
+def _blocks(sch: Any) -> list[Any]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _has_if_then_else(sch: Any, block: Any) -> bool:
+    # TVM 0.27's Python API has no TIR visitor; the printed block is a faithful stand-in
+    return "if_then_else" in sch.get(block).body.script()
+
+
+def _is_output_block(sch: Any, block: Any, func: Any) -> bool:
+    """Does the block write one of the function's parameter buffers (inputs/outputs)?"""
+    func = sch.mod["main"]  # the schedule's current function (buffers may have been replaced)
+    written = sch.get(block).writes[0].source
+    return any(written.same_as(p) for p in func.params)  # TVM 0.27: params are the buffers
+
+
+def _can_decompose_padding(sch: Any, block: Any, loop: Any) -> bool:
+    try:
+        return bool(sch.can_decompose_padding(block, loop))
+    except Exception:
+        return False
+
+
+def _try(fn: Callable[..., Any], *args: Any) -> bool:
+    """Run one schedule primitive; False (schedule unchanged) if TVM proves it illegal."""
+    try:
+        fn(*args)
+        return True
+    except Exception:  # tvm ScheduleError and friends: the primitive did not apply
+        return False
+
+
+def inline_elementwise(sch: Any, func: Any, keep: Iterable[Any] = (), keep_padding: bool = False) -> None:
+    """Inline every spatial block that writes an intermediate buffer (repeat to a fixpoint).
+
+    Why: Relax's fused functions materialize each elementwise op (cast, multiply, quantize,
+    dequantize, add) into its own full-size buffer; inlining turns the chain into one
+    expression evaluated where it is needed. Padding blocks (``if_then_else``) can be kept:
+    inlined into a conv they put a bounds check into the innermost loop.
+    """
+    keep_names = {sch.get(b).name_hint for b in keep}
+    changed = True
+    while changed:
+        changed = False
+        for block in _blocks(sch):
+            name = sch.get(block).name_hint
+            if name in keep_names or "R" in _iter_kinds(sch, block) or _is_output_block(sch, block, func):
+                continue
+            if keep_padding and _has_if_then_else(sch, block):
+                continue
+            if _try(sch.compute_inline, block) or _try(sch.reverse_compute_inline, block):
+                changed = True
+                break
+
+
+def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
+    """Parallel outer / vectorized inner loops for a purely spatial (elementwise) block.
+
+    Only the innermost loop is vectorized (split by the SIMD width when it divides): fusing
+    all loops first would turn every index into div/mod of the fused counter, which LLVM
+    cannot turn into contiguous vector loads (a padded copy ran 2-4x slower than scalar code).
+    Blocks with ``if_then_else`` (padding) keep a scalar inner loop: TVM scalarizes a
+    vectorized loop whose condition differs between lanes anyway.
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if _has_if_then_else(sch, block) and _can_decompose_padding(sch, block, loops[0]):
+        try:  # padding -> a constant fill plus an unconditional copy of the interior
+            fill = sch.decompose_padding(block, loops[0])
+        except Exception:
+            fill = None
+        if fill is not None and not _has_if_then_else(sch, block):
+            schedule_spatial(sch, fill, cfg)
+            schedule_spatial(sch, block, cfg)
+            return
+    lanes = cfg.lanes(_dtype_bits(sch, block))
+    inner = loops[-1]
+    ext = _int_extent(sch, inner)
+    outer_loops = list(loops[:-1])
+    if ext is None:
+        return
+    if not _has_if_then_else(sch, block):
+        if ext % lanes == 0:
+            rest, vec = sch.split(inner, [None, lanes])
+            outer_loops.append(rest)
+            sch.vectorize(vec)
+        elif ext < lanes and ext > 1:
+            sch.vectorize(inner)
+    if not outer_loops:
+        return
+    outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+    total = 1
+    for lp in sch.get_loops(block):
+        total *= _int_extent(sch, lp) or 1
+    if cfg.num_cores > 1 and total >= cfg.min_parallel_work and (_int_extent(sch, outer) or 1) > 1:
+        sch.parallel(outer)
+
+
+def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
+    """Spatial loops outside (parallel when big), reduction loops inside: always correct."""
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    # loops created by Relax legalization are in block-iter order, one loop per iter
+    if len(loops) != len(kinds):
+        return
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds) if k != "S"]
+    if not spatial:
+        return
+    sch.reorder(*spatial, *reduce)
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    total = _int_extent(sch, fused)
+    red = 1
+    for lp in reduce:
+        red *= _int_extent(sch, lp) or 1
+    if total and cfg.num_cores > 1 and total > 1 and total * red >= cfg.min_parallel_work:
+        sch.parallel(fused)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class _LazyRule:
+    """Defer the dlight import (apq's CLI must start without TVM) but behave as a ScheduleRule."""
+
+    name = "rule"
+
+    def __init__(self, cfg: CpuScheduleConfig | None = None) -> None:
+        self.cfg = cfg
+
+    def config(self, target: Any) -> CpuScheduleConfig:
+        return self.cfg or CpuScheduleConfig.for_target(target)
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            ok = self.schedule(sch, func, self.config(target))
+        except Exception:  # a rule that trips over an unexpected shape defers to the next rule
+            return None
+        return sch if ok else None
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        raise NotImplementedError
+
+
+def _single_reduction(sch: Any, pattern: str) -> Any | None:
+    reds = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)]
+    if len(reds) != 1 or _iter_kinds(sch, reds[0]) != pattern:
+        return None
+    return reds[0]
+
+
+def _conv_geometry(sch: Any, conv: Any) -> dict[str, int] | None:
+    """Kernel size and W-stride of an NCHW conv block, read from its input access index."""
+    from tvm import sym as arith  # TVM 0.27 moved tvm.arith to tvm.sym
+
+    block = sch.get(conv)
+    ivs = [iv.var for iv in block.iter_vars]
+    _, _, _, v_x, _, v_ry, v_rx = ivs
+    exts = [int(iv.dom.extent) for iv in block.iter_vars]
+    for region in block.reads:
+        idx = [r.min for r in region.region]
+        if len(idx) != 4 or len(block.reads) < 2:
+            continue
+        coeff = arith.detect_linear_equation(idx[3], [v_x])
+        if len(coeff) == 2 and any(v_rx.same_as(v) for v in _vars(idx[3])):
+            return {"kh": exts[5], "kw": exts[6], "stride_w": int(coeff[0]), "ow": exts[3], "oh": exts[2],
+                    "oc": exts[1]}
+    return None
+
+
+def _vars(expr: Any) -> list[Any]:
+    from tvm import tirx
+
+    return list(tirx.analysis.undefined_vars(expr))
+
+
+def _tile_consumer(sch: Any, func: Any, acc: Any, at_loop: Any, lanes: int) -> str | None:
+    """Compute the accumulator's consumer (epilogue or write-back) per tile and vectorize it.
+
+    Returns the consumer's name (it is scheduled now) or None when there is none to move.
+    """
+    consumers = sch.get_consumers(acc)
+    if len(consumers) != 1:
+        return None
+    epi = consumers[0]
+    name = sch.get(epi).name_hint
+    sch.reverse_compute_at(epi, at_loop, preserve_unit_loops=False)
+    inner = sch.get_loops(epi)[-1]
+    ext = _int_extent(sch, inner)
+    if ext and ext > 1:
+        vec = _largest_divisor(ext, lanes)
+        if vec == ext:
+            sch.vectorize(inner)
+        elif vec > 1:
+            _, vi = sch.split(inner, [None, vec])
+            sch.vectorize(vi)
+    return name
+
+
+class Conv2dNCHWRule(_LazyRule):
+    """Register-tiled NCHW conv2d (regular, depthwise, pointwise) with its fused epilogue.
+
+    Tile: ``oc_t`` output channels x ``w_t`` output positions, ``w_t`` a multiple of the SIMD
+    width where the shape allows. For stride-1 1x1 convs the H and W loops are fused into one
+    pixel axis (the conv is a GEMM ``[OC, IC] x [IC, H*W]``, and late MobileNet stages have
+    rows of 2-8 pixels that would leave most SIMD lanes idle). The reduction loops run outside
+    the unrolled/vectorized tile so each input vector is loaded once per ``oc_t`` FMAs and
+    the accumulators stay in registers.
+    """
+
+    name = "conv2d-nchw"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        conv = _single_reduction(sch, "SSSSRRR")
+        if conv is None:
+            return False
+        geo = _conv_geometry(sch, conv)
+        if geo is None:
+            return False
+        inline_elementwise(sch, func, keep=[conv], keep_padding=True)
+        if geo["stride_w"] > 1:
+            self._deinterleave_padded_input(sch, conv, geo["stride_w"])
+        lanes = cfg.lanes(_dtype_bits(sch, conv))
+        acc = self._accumulator(sch, func, conv)
+        n, f, y, x, rc, ry, rx = sch.get_loops(acc)
+        pointwise = geo["kh"] == 1 and geo["kw"] == 1 and geo["stride_w"] == 1
+        if pointwise:
+            pix = sch.fuse(y, x)
+            npix = geo["oh"] * geo["ow"]
+            rows: list[Any] = []
+        else:
+            pix, npix, rows = x, geo["ow"], [y]
+        w_t = self._pixel_tile(npix, lanes, geo["ow"] if pointwise else None)
+        n_vec = max(1, w_t // lanes)
+        oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
+        fo, fi = sch.split(f, [None, oc_t])
+        po, pi = sch.split(pix, [None, w_t])
+        sch.reorder(n, fo, *rows, po, rc, ry, rx, fi, pi)
+        outer = sch.fuse(n, fo, *rows, po)
+        work = geo["oc"] * geo["oh"] * geo["ow"]
+        if cfg.num_cores > 1 and _int_extent(sch, outer) > 1 and work >= cfg.min_parallel_work:
+            sch.parallel(outer)
+        sch.unroll(fi)
+        sch.vectorize(pi)
+        done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
+        init = sch.decompose_reduction(acc, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+        self._schedule_rest(sch, cfg, done)
+        return True
+
+    @staticmethod
+    def _deinterleave_padded_input(sch: Any, conv: Any, stride: int) -> None:
+        """Store the padded input as ``[.., H, W % s, W // s]`` for a W-stride ``s`` conv.
+
+        Why: a stride-2 conv vectorized along the output width reads every other input
+        element; TVM lowers such strided vector loads to one scalar load + insert per lane
+        (measured: most of a stride-2 depthwise conv's time). In the deinterleaved layout
+        the conv reads ``pad[.., rx % s, x + rx // s]``: contiguous in x. The strided access
+        moves into the padding copy, once per input element instead of once per tap.
+        """
+        for prod in sch.get_producers(conv):
+            buf = sch.get(prod).writes[0].source
+            width = int(buf.shape[-1])
+            if len(buf.shape) == 4 and width % stride == 0 and _has_if_then_else(sch, prod):
+                layout = lambda n, c, h, w: (n, c, h, w % stride, w // stride)  # noqa: E731
+                if _try(sch.transform_layout, prod, ("write", 0), layout):
+                    # iterate the copy in the new layout too: contiguous writes, strided reads
+                    _try(sch.transform_block_layout, prod, layout)
+                return
+
+    @staticmethod
+    def _accumulator(sch: Any, func: Any, conv: Any) -> Any:
+        """The block that accumulates: the conv itself with a local output buffer."""
+        if _is_output_block(sch, conv, func):
+            sch.cache_write(conv, 0, "local")
+        else:
+            sch.set_scope(conv, 0, "local")
+        return conv
+
+    @staticmethod
+    def _pixel_tile(npix: int, lanes: int, row: int | None) -> int:
+        """Output positions per tile: 2 or 1 SIMD vectors if they divide, else the whole axis.
+
+        For the fused H*W axis the tile must be a whole number of rows or divide a row, so
+        that the epilogue's region per tile stays a rectangle.
+        """
+        for cand in (2 * lanes, lanes):
+            if npix % cand == 0 and (row is None or cand % row == 0 or row % cand == 0):
+                return cand
+        if npix <= 2 * lanes:
+            return npix
+        return _largest_divisor(npix, lanes) if row is None else (row if row <= 2 * lanes else 1)
+
+    @staticmethod
+    def _schedule_rest(sch: Any, cfg: CpuScheduleConfig, done: set[str | None]) -> None:
+        """Schedule the blocks the tile left at the root (e.g. a padding block)."""
+        for block in _blocks(sch):
+            name = sch.get(block).name_hint
+            if name in done or name.endswith("_init"):
+                continue
+            if "R" not in _iter_kinds(sch, block) and len(sch.get_loops(block)) == len(sch.get(block).iter_vars):
+                schedule_spatial(sch, block, cfg)
+
+
+class MatmulRule(_LazyRule):
+    """``C[i, j] = sum_k A[i, k] * B[k, j]`` (+ fused epilogue): vectorize j, reduce k outside."""
+
+    name = "matmul"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        mm = _single_reduction(sch, "SSR")
+        if mm is None:
+            return False
+        inline_elementwise(sch, func, keep=[mm])
+        lanes = cfg.lanes(_dtype_bits(sch, mm))
+        acc = Conv2dNCHWRule._accumulator(sch, func, mm)
+        i, j, k = sch.get_loops(acc)
+        nj = _int_extent(sch, j)
+        if nj is None:
+            return False
+        j_t = _largest_divisor(nj, 2 * lanes) if nj > 2 * lanes else nj
+        jo, ji = sch.split(j, [None, j_t])
+        sch.reorder(i, jo, k, ji)
+        outer = sch.fuse(i, jo)
+        ni = _int_extent(sch, outer) or 1
+        red = _int_extent(sch, k) or 1
+        if cfg.num_cores > 1 and ni > 1 and ni * j_t * red >= cfg.min_parallel_work:
+            sch.parallel(outer)
+        sch.vectorize(ji)
+        done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
+        init = sch.decompose_reduction(acc, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        Conv2dNCHWRule._schedule_rest(sch, cfg, done)
+        return True
+
+
+class GenericRule(_LazyRule):
+    """Any PrimFunc: inline elementwise chains, then parallel + vectorize each remaining block."""
+
+    name = "generic"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        inline_elementwise(sch, func)
+        for block in _blocks(sch):
+            if len(sch.get_loops(block)) != len(sch.get(block).iter_vars):
+                continue  # not a plain loop nest (already transformed): leave it alone
+            if "R" in _iter_kinds(sch, block):
+                schedule_reduction_generic(sch, block, cfg)
+            else:
+                schedule_spatial(sch, block, cfg)
+        return True
+
+
+#: The rule registry, tried in order; the first rule that returns a schedule wins.
+RULES: dict[str, type[_LazyRule]] = {
+    Conv2dNCHWRule.name: Conv2dNCHWRule,
+    MatmulRule.name: MatmulRule,
+    GenericRule.name: GenericRule,
+}
+
+
+def _as_dlight_rule(impl: _LazyRule) -> Any:
+    """Wrap a rule in a dlight ``ScheduleRule`` subclass (ApplyDefaultSchedule checks nothing
+    but ``apply``; subclassing keeps it a genuine ScheduleRule for other dlight users)."""
+    from tvm.s_tir.dlight import ScheduleRule
+
+    class _Adapter(ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            return impl.apply(func, target, tunable)
+
+    _Adapter.__name__ = f"Apq{type(impl).__name__}"
+    return _Adapter()
+
+
+def make_rules(cfg: CpuScheduleConfig | None = None, names: Iterable[str] | None = None) -> list[Any]:
+    """Instantiate rules as dlight ScheduleRules (``cfg`` None = derive from each func's target)."""
+    chosen = list(names) if names is not None else list(RULES)
+    unknown = [n for n in chosen if n not in RULES]
+    if unknown:
+        raise ValueError(f"unknown schedule rule(s) {unknown}; known: {list(RULES)}")
+    return [_as_dlight_rule(RULES[name](cfg)) for name in chosen]

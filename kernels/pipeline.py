@@ -1,0 +1,61 @@
+"""The Relax compile pipeline apq uses for CPU targets: TVM's default one plus our schedules.
+
+Why a pipeline and not a pass run before ``tvm.compile``: the schedules must see the fused
+PrimFuncs, which only exist after ``LegalizeOps`` + ``FuseOps`` + ``FuseTIR`` inside the
+pipeline, and must run before the dataflow is lowered to the VM. So we rebuild TVM's CPU
+pipeline (``relax.backend.cpu_generic``) from its own pass groups and insert
+``ApplyDefaultSchedule(<apq rules>)`` between legalization and dataflow lowering.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apq.kernels.cpu_schedules import CpuScheduleConfig, make_rules
+
+
+def schedule_pass(cfg: CpuScheduleConfig | None = None) -> Any:
+    """The module pass that schedules every unscheduled PrimFunc with apq's CPU rules.
+
+    Needs an enclosing target context (``with target:``) unless ``cfg`` is given.
+    """
+    from tvm.s_tir import dlight
+
+    return dlight.ApplyDefaultSchedule(*make_rules(cfg))
+
+
+def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True) -> Any:
+    """TVM's default CPU Relax pipeline with apq's schedules inserted after FuseTIR.
+
+    ``target`` is a ``tvm.target.Target``; ``schedule=False`` gives TVM's unscheduled pipeline
+    (what apq compiled before, kept for A/B tests and benchmarks).
+    """
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    cfg = cfg or CpuScheduleConfig.for_target(target)
+    middle = [schedule_pass(cfg)] if schedule else []
+
+    @tvm.transform.module_pass(opt_level=0, name="ApqCpuPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + middle
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def supports(target: Any) -> bool:
+    """apq's rules are for LLVM CPU targets (x86-64, AArch64)."""
+    return str(target.kind.name) == "llvm"
+
+
+def compile_relax(mod: Any, target: Any, schedule: bool = True, cfg: CpuScheduleConfig | None = None) -> Any:
+    """``tvm.compile`` with apq's CPU pipeline (the one-line hook build_library calls)."""
+    import tvm
+
+    if not supports(target):
+        return tvm.compile(mod, target)
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule))
