@@ -14,7 +14,6 @@ the server's per-session workspace and is removed when the session ends; timing
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from apq.targets.rpc import (
     run_remote,
 )
 from apq.toolchain.errors import ArtifactError, InvalidInputError
+from apq.toolchain.artifact import sha256_bytes, sha256_file
 from apq.toolchain.profile import elf_arch, host_arch
 
 
@@ -62,14 +62,6 @@ class FlashReport:
         return d
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_flashable(target_name: str, lib_path: Path) -> None:
     """Refuse targets with no board behind them and libraries that contradict their target."""
     spec = get_target(target_name)
@@ -94,7 +86,7 @@ def flash_library(lib_path: str | Path, expected_sha256: str, target_name: str, 
     if not lib_path.is_file():
         raise InvalidInputError(f"{lib_path}: no such library")
     check_flashable(target_name, lib_path)
-    local_sha = sha256_of(lib_path)
+    local_sha = sha256_file(lib_path)
     if local_sha != expected_sha256:
         raise ArtifactError(f"{lib_path.name}: sha256 {local_sha[:12]}... does not match the manifest "
                             f"({expected_sha256[:12]}...); refusing to flash")
@@ -104,7 +96,7 @@ def flash_library(lib_path: str | Path, expected_sha256: str, target_name: str, 
     def work(remote: Any) -> tuple[str, str, int, list[np.ndarray], float]:
         remote.upload(str(lib_path), remote_name)
         back = bytes(remote.download(remote_name))
-        back_sha = hashlib.sha256(back).hexdigest()
+        back_sha = sha256_bytes(back)
         try:
             where = str(remote.get_function("tvm.rpc.server.workpath")(remote_name))
         except Exception:  # a minimal (C++) RPC server may not expose it; the name is enough

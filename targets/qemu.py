@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from apq.toolchain.profile import elf_arch
+
 from apq.targets.aarch64_runtime import (
     ensure_aarch64_runtime,
     ensure_runner,
@@ -38,7 +40,6 @@ RUNNER_DTYPES: frozenset[str] = frozenset(
     {"float32", "float16", "float64", "int8", "uint8", "int32", "int64", "bool"})
 
 # ELF e_machine values, to refuse a library built for the wrong CPU with a clear message.
-_ELF_MACHINES: dict[int, str] = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv"}
 
 # apq-run exit codes (runner/apq_run.cc) -> the error a user sees.
 _EXIT_ERRORS: dict[int, type[ApqError]] = {2: InvalidInputError, 3: ApqError}
@@ -55,16 +56,6 @@ def qemu_available() -> tuple[bool, str]:
     if missing:
         return False, f"missing {', '.join(missing)} to build apq-run (apt-get install cmake g++-aarch64-linux-gnu)"
     return True, f"{QEMU_BINARY} with sysroot {AARCH64_SYSROOT}"
-
-
-def elf_arch(path: Path) -> str | None:
-    """The CPU architecture of an ELF file, or None if it is not ELF."""
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
-    return _ELF_MACHINES.get(machine, f"e_machine={machine}")
 
 
 def _write_inputs(inputs: Sequence[np.ndarray], folder: Path) -> list[Path]:
