@@ -1,0 +1,580 @@
+"""Bit-serial conv2d / depthwise conv2d / dense in TVM TE, scheduled with ``tvm.s_tir``.
+
+Why our own compute: TVM 0.27's topi bit-serial ops have no schedule, no groups (no depthwise),
+and ``bitserial_conv2d_nhwc`` misreads 5-D packed kernels (see TVM_NOTES.md).
+
+Layout: **NHWC** activations and HWIO weights packed to ``(KH, KW, CW, w_bits, O)`` (see
+:mod:`apq.kernels.bitpack`). NHWC schedules best here because the packed reduction (input-channel
+words, 1-20 words for MobileNet widths) is far too short to vectorise over, while output channels
+(hundreds) are contiguous in the packed weights: the kernel broadcasts one activation word and
+ANDs/POPCOUNTs a vector of 16 weight words (uint32 x 16 = one AVX-512 register, ``vpopcntd`` with
+VPOPCNTDQ; NEON ``cnt`` + pairwise adds on AArch64). Activations arrive unpacked (uint8, as the
+previous layer writes them) and are packed inside the kernel, with zero padding fused into the
+packing, so every measurement includes the packing cost.
+
+Depthwise: each output channel reduces over its own KxK window only, so channel packing cannot
+work; the window is packed instead (9/25 bits in uint32, 49 in uint64), one word per (pixel,
+channel, activation bit), vectorised over channels. Packing is an im2col in bits; the default
+``rows`` packer builds K-bit row words once per input row and ORs K of them per window (about
+2K instead of K*K operations per output and bit). Measured (bench/kernels.py, 3x3): it only
+pays at 1-2 bits (W1A1 ~2-3x, W2A2 ~1-2x the simple int8 kernel); W4A4 and W2A8 are slower
+than int8 because packing a-bit activations costs a*2K per output against K*K MACs. 7x7:
+``rows`` is ~3x faster than the direct ``window`` packer.
+
+Also here: float32 / int8 direct NHWC convs with the same simple schedule, the honest baselines
+for the benchmark (NOT a tuned VNNI int8 kernel: with this schedule int8 is even slower than
+float32, the int16 multiply and int32 widening cost more than one FMA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from apq.kernels import bitpack
+from apq.toolchain.errors import InvalidInputError
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class BitserialConfig:
+    """What a bit-serial kernel computes (not how it is scheduled)."""
+
+    a_bits: int
+    w_bits: int
+    mode: str = "unipolar"  # weight encoding, see bitpack.WEIGHT_MODES
+    stride: int = 1
+    padding: int = 0
+    word_bits: int = 32  # packing word for channel-packed conv / dense (depthwise picks by window)
+
+    def __post_init__(self) -> None:
+        bitpack.check_bits(self.a_bits, "a_bits")
+        bitpack.check_bits(self.w_bits, "w_bits")
+        bitpack.check_mode(self.mode)
+        bitpack.word_dtype(self.word_bits)
+        if self.stride < 1 or self.padding < 0:
+            raise InvalidInputError(f"bad stride/padding {self.stride}/{self.padding}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | str) -> "BitserialConfig":
+        return cls(**(json.loads(d) if isinstance(d, str) else d))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The small knob space of the CPU schedule template.
+
+    ``vector_lanes`` 0 = pick from the target (16 for AVX-512, 8 for AVX2, 4 for NEON);
+    the output-channel tile is ``vector_lanes * oc_vectors`` and ``row_tile`` output pixels are
+    computed together, so ``row_tile * oc_vectors`` vector accumulators stay in registers.
+    """
+
+    row_tile: int = 4
+    oc_vectors: int = 1
+    vector_lanes: int = 0
+    parallel: bool = True
+    unroll_bits: bool = True
+    # where activations are packed: "root" (all first, own parallel loop), "row" (inside each
+    # parallel row tile: one fork-join less, words hot in L1; measured 10-25% faster for 1x1 at
+    # 1-2 bits), "auto" = "row" when no packed word is needed by two tiles (1x1 conv, dense)
+    pack_at: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | str) -> "ScheduleConfig":
+        return cls(**(json.loads(d) if isinstance(d, str) else d))
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise InvalidInputError(f"conv output would be empty (size {size}, kernel {kernel}, pad {padding})")
+    return out
+
+
+# ----------------------------------------------------------------------------- TE compute
+
+
+def _plane_term(a, w, ri, rj, cfg: BitserialConfig):
+    """int32 contribution of one (activation word, weight word) pair, bit planes ``ri``, ``rj``.
+
+    - unipolar: ``popcount(a & w) << (i + j)``;
+    - signed: the same, negated for the top plane (``rj == w_bits - 1``);
+    - bipolar: ``popcount(a & w) << (i + j + 1)``, plus, on plane ``j == 0`` only,
+      ``-(2^w - 1) popcount(a) << i``: summed over j this is ``2 P - (2^w - 1) S``. The correction
+      depends on the activation word only (a broadcast scalar), so it costs one vector add per
+      (i, word) instead of a popcount + subtract per (i, j, word); TE cannot express it as a
+      reduction init (``create_prim_func`` silently drops a tensor init) nor as an epilogue
+      under the tile loop (s_tir needs every producer under the loop).
+    The ``rj`` conditions constant-fold once the bit loops are unrolled.
+    """
+    from tvm import te, tirx
+
+    t = te.popcount(a & w).astype("int32")
+    if cfg.mode == "bipolar":
+        corr = (te.popcount(a).astype("int32") << ri.astype("int32")) * (-((1 << cfg.w_bits) - 1))
+        return (t << (ri + rj + 1).astype("int32")) + te.if_then_else(rj == 0, corr, tirx.const(0, "int32"))
+    t = t << (ri + rj).astype("int32")
+    if cfg.mode == "signed":
+        t = te.if_then_else(rj == cfg.w_bits - 1, -t, t)
+    return t
+
+
+def _channel_packer(x, channels: int):
+    """SWAR packer (8 channels per 64-bit multiply) when the layout allows it, else bit by bit."""
+    if channels % 8 == 0 and str(x.dtype) in ("uint8", "int8"):
+        return bitpack.te_pack_activations_nhwc_swar
+    return bitpack.te_pack_activations_nhwc
+
+
+def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv"):
+    """TE: x (N, H, W, C) unsigned ints, w_packed (KH, KW, CW, w_bits, O) -> int32 (N, OH, OW, O)."""
+    from tvm import te
+
+    n, h, w, c = (int(s) for s in x.shape)
+    kh, kw, cw, wb, o = (int(s) for s in w_packed.shape)
+    if wb != cfg.w_bits or cw != bitpack.num_words(c, cfg.word_bits):
+        raise InvalidInputError(f"packed weights {tuple(w_packed.shape)} do not match C={c}, {cfg}")
+    s = cfg.stride
+    oh, ow = conv_out_size(h, kh, s, cfg.padding), conv_out_size(w, kw, s, cfg.padding)
+    xp = _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, cw), "rc")
+    ri, rj = te.reduce_axis((0, cfg.a_bits), "ri"), te.reduce_axis((0, cfg.w_bits), "rj")
+
+    def body(nn, y, xo, oc):
+        a = xp[nn, y * s + rh, xo * s + rw, rc, ri]
+        return te.sum(_plane_term(a, w_packed[rh, rw, rc, rj, oc], ri, rj, cfg), axis=[rh, rw, rc, ri, rj])
+
+    return te.compute((n, oh, ow, o), body, name=name)
+
+
+DW_PACKERS = {
+    "rows": bitpack.te_pack_depthwise_activations_rows,  # default: row words, then windows
+    "window": bitpack.te_pack_depthwise_activations,  # direct K*K im2col in bits
+}
+
+
+def bitserial_depthwise_conv2d_nhwc(x, w_packed, kernel_size: int, cfg: BitserialConfig, pack: str = "rows",
+                                    name: str = "bsdw"):
+    """TE: x (N, H, W, C), w_packed (w_bits, C) window words -> int32 (N, OH, OW, C).
+
+    ``pack`` picks the activation window packer from :data:`DW_PACKERS`.
+    """
+    from tvm import te
+
+    n, h, w, c = (int(s) for s in x.shape)
+    wb, wc = (int(s) for s in w_packed.shape)
+    if wb != cfg.w_bits or wc != c:
+        raise InvalidInputError(f"packed depthwise weights {(wb, wc)} do not match C={c}, {cfg}")
+    if pack not in DW_PACKERS:
+        raise InvalidInputError(f"unknown depthwise packer {pack!r}; valid: {', '.join(DW_PACKERS)}")
+    xw = DW_PACKERS[pack](x, cfg.a_bits, kernel_size, cfg.stride, cfg.padding)
+    _, oh, ow, _, _ = (int(s) for s in xw.shape)
+    ri, rj = te.reduce_axis((0, cfg.a_bits), "ri"), te.reduce_axis((0, cfg.w_bits), "rj")
+
+    def body(nn, y, xo, ch):
+        return te.sum(_plane_term(xw[nn, y, xo, ri, ch], w_packed[rj, ch], ri, rj, cfg), axis=[ri, rj])
+
+    return te.compute((n, oh, ow, c), body, name=name)
+
+
+def bitserial_dense(x, w_packed, cfg: BitserialConfig, name: str = "bsdense"):
+    """TE: x (M, K) unsigned ints, w_packed (KW, w_bits, O) -> int32 (M, O)."""
+    from tvm import te
+
+    m, k = (int(s) for s in x.shape)
+    kw_, wb, o = (int(s) for s in w_packed.shape)
+    if wb != cfg.w_bits or kw_ != bitpack.num_words(k, cfg.word_bits):
+        raise InvalidInputError(f"packed dense weights {(kw_, wb, o)} do not match K={k}, {cfg}")
+    x4 = te.compute((1, 1, m, k), lambda a, b, mm, kk: x[mm, kk], name="xview")
+    xp = _channel_packer(x, k)(x4, cfg.a_bits, 0, cfg.word_bits)
+    rc = te.reduce_axis((0, kw_), "rc")
+    ri, rj = te.reduce_axis((0, cfg.a_bits), "ri"), te.reduce_axis((0, cfg.w_bits), "rj")
+
+    def body(mm, oc):
+        return te.sum(_plane_term(xp[0, 0, mm, rc, ri], w_packed[rc, rj, oc], ri, rj, cfg), axis=[rc, ri, rj])
+
+    return te.compute((m, o), body, name=name)
+
+
+def _mul(x, w, acc_dtype: str):
+    if acc_dtype == "int32" and x.dtype in ("uint8", "int8") and w.dtype in ("uint8", "int8"):
+        return (x.astype("int16") * w.astype("int16")).astype("int32")
+    return x.astype(acc_dtype) * w.astype(acc_dtype)
+
+
+def direct_conv2d_nhwc(x, w, stride: int, padding: int, acc_dtype: str, depthwise: bool = False,
+                       name: str = "conv"):
+    """TE baseline: float32 or int8 direct conv, NHWC x, HWIO w (depthwise: (K, K, C)).
+
+    int8: uint8 x int8 products fit int16 exactly (|255 * -128| < 2^15), so the multiply is done
+    in int16 and only the product is widened to the int32 accumulator (no faster than an int32
+    multiply in our measurements, and still slower than float32: no VNNI, no vpmaddwd pairing).
+    """
+    from tvm import te, tirx
+
+    n, h, wd, c = (int(s) for s in x.shape)
+    kh, kw = int(w.shape[0]), int(w.shape[1])
+    o = c if depthwise else int(w.shape[3])
+    oh, ow = conv_out_size(h, kh, stride, padding), conv_out_size(wd, kw, stride, padding)
+    if padding:
+        p = padding
+        xpad = te.compute(
+            (n, h + 2 * p, wd + 2 * p, c),
+            lambda a, y, xx, ch: te.if_then_else(
+                tirx.all(y >= p, y < h + p, xx >= p, xx < wd + p), x[a, y - p, xx - p, ch],
+                tirx.const(0, x.dtype)),
+            name="pad")
+    else:
+        xpad = x
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    if depthwise:
+        def body(a, y, xx, ch):
+            return te.sum(_mul(xpad[a, y * stride + rh, xx * stride + rw, ch], w[rh, rw, ch], acc_dtype),
+                          axis=[rh, rw])
+    else:
+        rc = te.reduce_axis((0, c), "rc")
+
+        def body(a, y, xx, oc):
+            return te.sum(_mul(xpad[a, y * stride + rh, xx * stride + rw, rc], w[rh, rw, rc, oc], acc_dtype),
+                          axis=[rh, rw, rc])
+    return te.compute((n, oh, ow, o), body, name=name)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def default_vector_lanes(target) -> int:
+    """int32 lanes of one vector register on the target: AVX-512 16, AVX2 8, NEON / SSE 4.
+
+    Asks LLVM about the target's features (``llvm_get_vector_width`` answers 512 for every x86
+    CPU in this TVM build, so it cannot be used).
+    """
+    from tvm.target import codegen
+
+    t = tvm_target(target)
+    try:
+        if "aarch64" in str(t.attrs.get("mtriple", "")):
+            return 4
+        if codegen.target_has_features("avx512f", t):
+            return 16
+        if codegen.target_has_features("avx2", t):
+            return 8
+    except Exception:  # non-LLVM target or feature query unavailable: a safe 128-bit default
+        pass
+    return 4
+
+
+def tvm_target(target):
+    """Accept a TargetSpec, a JSON dict or a tvm Target; return a tvm Target."""
+    import tvm
+
+    if target is None:
+        from apq.targets.registry import get_target
+
+        return get_target("host").tvm()
+    if hasattr(target, "tvm_target"):
+        return target.tvm()
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    return target
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, max(limit, 1)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConfig, unroll_last: int):
+    """Schedule one ``out[spatial..., channel] = sum(reduce...)`` block for a CPU.
+
+    Spatial loops: the last one (channels) is split into ``(oc_outer, oc_vec, lanes)`` and
+    vectorised; the one before (output columns / rows of a dense) is split by ``row_tile`` and
+    unrolled; all earlier spatial loops are fused and parallelised. Reduction loops stay in order
+    between the outer tiles and the register tile, their last ``unroll_last`` (the bit loops) are
+    unrolled. The accumulator tile lives in a local buffer (registers), written back once.
+    Returns the parallel row loop and the output-tile loop.
+    """
+    block = sch.get_sblock(block_name)
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    n_sp = sum(1 for it in iters if it.iter_type == 0)
+    sp, red = loops[:n_sp], loops[n_sp:]
+    extents = [int(sch.get(l).extent) for l in loops]
+    oc_ext, row_ext = extents[n_sp - 1], extents[n_sp - 2] if n_sp >= 2 else 1
+
+    ln = _largest_divisor(oc_ext, lanes)
+    vecs = _largest_divisor(oc_ext // ln, sc.oc_vectors)
+    oc_o, oc_v, oc_l = sch.split(sp[-1], [None, vecs, ln])
+    if n_sp >= 2:
+        rt = _largest_divisor(row_ext, sc.row_tile)
+        row_o, row_i = sch.split(sp[-2], [None, rt])
+        outer = list(sp[:-2]) + [row_o, oc_o]
+        tile = [row_i, oc_v, oc_l]
+    else:
+        outer, tile = [oc_o], [oc_v, oc_l]
+    sch.reorder(*outer, *red, *tile)
+    par = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+    if sc.parallel:
+        sch.parallel(par)
+    # accumulate in a register tile, written back after the reduction
+    cache = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cache, outer[-1])
+    sch.vectorize(sch.get_loops(cache)[-1])
+    # vectorise while the block still has its init (a "local reduction block"); decompose after
+    for lp in tile[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(tile[-1])
+    if sc.unroll_bits:
+        for lp in red[len(red) - unroll_last:]:
+            sch.unroll(lp)
+    init = sch.decompose_reduction(block, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return par, outer[-1]  # the parallel row loop and the output-tile loop
+
+
+def _schedule_pack_block(sch, block_name: str, parallel: bool) -> None:
+    """Packing stage (bit extraction, a reduction over the word): parallel over rows, word loop unrolled."""
+    block = sch.get_sblock(block_name)
+    loops = sch.get_loops(block)
+    if parallel and len(loops) >= 3:
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+    sch.unroll(loops[-1])
+
+
+def _finish(func, name: str):
+    """Prepare a scheduled PrimFunc for a Relax module: strip the symbol (Relax renames it), mark
+    it opaque (``op_pattern`` 8: FuseTIR must not fuse into it) and scheduled
+    (``tirx.is_scheduled``: dlight's ApplyDefaultSchedule, which apq's CPU pipeline runs, skips it)."""
+    return (func.without_attr("global_symbol").with_attr("op_pattern", 8)
+            .with_attr("tirx.is_scheduled", True))
+
+
+def _schedule(func, stages: Sequence[tuple[str, str]], target, sc: ScheduleConfig, unroll_last: int,
+              pack_at_auto: str = "root"):
+    from tvm import s_tir
+
+    lanes = sc.vector_lanes or default_vector_lanes(target)
+    sch = s_tir.Schedule(func)
+    if sc.pack_at not in ("auto", "root", "row"):
+        raise InvalidInputError(f"pack_at must be auto, root or row, got {sc.pack_at!r}")
+    pack_at = pack_at_auto if sc.pack_at == "auto" else sc.pack_at
+    packs = [name for kind, name in stages if kind == "pack"]
+    par = None
+    for kind, name in stages:
+        if kind != "pack":
+            par, _ = _schedule_reduction_block(sch, name, lanes, sc, unroll_last)
+    for name in packs:
+        if pack_at == "row" and par is not None:
+            # pack the rows a parallel row tile needs inside that tile: one parallel region
+            # instead of two (a fork-join saved), packed words still in L1 when consumed
+            block = sch.get_sblock(name)
+            sch.compute_at(block, par)
+            sch.unroll(sch.get_loops(block)[-1])
+        else:
+            _schedule_pack_block(sch, name, sc.parallel)
+    return sch.mod["main"]
+
+
+def _with_symbol(func, name: str):
+    return func.with_attr("global_symbol", name)
+
+
+def conv2d_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: BitserialConfig,
+                    target=None, sched: ScheduleConfig | None = None, x_dtype: str = "uint8"):
+    """Scheduled PrimFunc ``(x, w_packed) -> out`` for a bit-serial NHWC conv2d."""
+    from tvm import te
+
+    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
+    w = te.placeholder(tuple(w_packed_shape), bitpack.word_dtype(cfg.word_bits), name="w")
+    out = bitserial_conv2d_nhwc(x, w, cfg)
+    func = te.create_prim_func([x, w, out])
+    stages = [("pack", "xpack"), ("red", "bsconv")]
+    pointwise = int(w_packed_shape[0]) == 1 and int(w_packed_shape[1]) == 1
+    return _schedule(func, stages, target, sched or ScheduleConfig(), 2, "row" if pointwise else "root")
+
+
+def depthwise_primfunc(x_shape: Sequence[int], kernel_size: int, cfg: BitserialConfig, target=None,
+                       sched: ScheduleConfig | None = None, x_dtype: str = "uint8", pack: str = "rows"):
+    """Scheduled PrimFunc ``(x, w_packed) -> out`` for a bit-serial NHWC depthwise conv."""
+    from tvm import te
+
+    c = int(x_shape[3])
+    wdt = bitpack.word_dtype(bitpack.window_word_bits(kernel_size))
+    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
+    w = te.placeholder((cfg.w_bits, c), wdt, name="w")
+    out = bitserial_depthwise_conv2d_nhwc(x, w, kernel_size, cfg, pack)
+    func = te.create_prim_func([x, w, out])
+    return _schedule_depthwise(func, target, sched or ScheduleConfig())
+
+
+def _schedule_row_pack(sch, lanes: int, parallel: bool) -> None:
+    """Row packing stage (N, Hp, OW, A, C | kw): parallel rows, taps unrolled, channels vectorised."""
+    block = sch.get_sblock("xrow")
+    nn, hh, xo, i, ch, r = sch.get_loops(block)
+    co, ci = sch.split(ch, [None, _largest_divisor(int(sch.get(ch).extent), lanes)])
+    sch.reorder(xo, i, co, r, ci)
+    if parallel:
+        sch.parallel(sch.fuse(nn, hh))
+    sch.unroll(r)
+    sch.vectorize(ci)
+    init = sch.decompose_reduction(block, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _schedule_depthwise(func, target, sc: ScheduleConfig):
+    """Depthwise: pack each output tile's windows right before use (compute_at), vectorise channels;
+    the row stage (if any) is materialised once for the whole image (each row word is shared)."""
+    from tvm import s_tir
+
+    lanes = sc.vector_lanes or default_vector_lanes(target)
+    sch = s_tir.Schedule(func)
+    if _has_block(sch, "xrow"):
+        _schedule_row_pack(sch, lanes, sc.parallel)
+    _schedule_reduction_block(sch, "bsdw", lanes, ScheduleConfig(
+        row_tile=sc.row_tile, oc_vectors=sc.oc_vectors, vector_lanes=lanes, parallel=sc.parallel,
+        unroll_bits=sc.unroll_bits), 2)
+    pack = sch.get_sblock("xwin")
+    loops = sch.get_loops(sch.get_sblock("bsdw_init") if _has_block(sch, "bsdw_init") else sch.get_sblock("bsdw"))
+    sch.compute_at(pack, loops[1])  # under (fused rows, row tile): one tile of window words
+    ploops = sch.get_loops(pack)
+    # pack loops under the anchor: (tile cols, a_bits, channels, window); window reduction outside
+    # the channel loop so channels vectorise
+    ch, r = ploops[-2], ploops[-1]
+    sch.reorder(r, ch)
+    sch.unroll(r)
+    sch.vectorize(ch)
+    pinit = sch.decompose_reduction(pack, r)
+    sch.vectorize(sch.get_loops(pinit)[-1])
+    return sch.mod["main"]
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # get_sblock raises when the name is absent
+        return False
+
+
+def dense_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: BitserialConfig,
+                   target=None, sched: ScheduleConfig | None = None, x_dtype: str = "uint8"):
+    """Scheduled PrimFunc ``(x, w_packed) -> out`` for a bit-serial dense."""
+    from tvm import s_tir, te
+
+    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
+    w = te.placeholder(tuple(w_packed_shape), bitpack.word_dtype(cfg.word_bits), name="w")
+    out = bitserial_dense(x, w, cfg)
+    func = te.create_prim_func([x, w, out])
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("xview"))
+    func = sch.mod["main"]
+    stages = [("pack", "xpack"), ("red", "bsdense")]
+    return _schedule(func, stages, target, sched or ScheduleConfig(), 2, "row")
+
+
+def direct_conv2d_primfunc(x_shape: Sequence[int], w_shape: Sequence[int], stride: int, padding: int,
+                           dtype: str, target=None, sched: ScheduleConfig | None = None,
+                           depthwise: bool = False, x_dtype: str | None = None):
+    """Scheduled float32 / int8 baseline conv (same template as the bit-serial kernels).
+
+    ``dtype`` "float32" (accumulate float32) or "int8" (uint8 activations x int8 weights, int32).
+    """
+    from tvm import te
+
+    acc = "float32" if dtype == "float32" else "int32"
+    x = te.placeholder(tuple(x_shape), x_dtype or ("float32" if dtype == "float32" else "uint8"), name="x")
+    w = te.placeholder(tuple(w_shape), dtype, name="w")
+    out = direct_conv2d_nhwc(x, w, stride, padding, acc, depthwise)
+    func = te.create_prim_func([x, w, out])
+    stages = ([("pack", "pad")] if padding else []) + [("red", "conv")]
+    return _schedule(func, stages, target, sched or ScheduleConfig(), 0)
+
+
+def build(func, target=None, name: str = "main"):
+    """Compile one PrimFunc for the target; returns the runtime module (``mod[name](...)``)."""
+    import tvm
+
+    return tvm.compile(tvm.IRModule({name: _with_symbol(func, name)}), tvm_target(target)).jit()
+
+
+def build_many(funcs: dict[str, Any], target=None):
+    """Compile several PrimFuncs into ONE module (one LLVM run: far cheaper than one build each);
+    returns the runtime module, call ``mod[name](...)``."""
+    import tvm
+
+    mod = tvm.IRModule({name: _with_symbol(f, name) for name, f in funcs.items()})
+    return tvm.compile(mod, tvm_target(target)).jit()
+
+
+# ----------------------------------------------------------------------------- Relax integration
+
+
+def _shape_of(expr) -> tuple[int, ...]:
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    if ty is None or getattr(ty, "shape", None) is None:
+        raise InvalidInputError("bit-serial conv needs a tensor input with a static shape")
+    return tuple(int(s) for s in ty.shape)
+
+
+def _dtype_of(expr) -> str:
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    return str(ty.dtype)
+
+
+def emit_bitserial_conv2d(bb, x, packed_w, *, cfg: BitserialConfig, kernel_size: int,
+                          depthwise: bool = False, target=None, sched: ScheduleConfig | None = None,
+                          dw_pack: str = "rows", name: str = "bitserial_conv2d"):
+    """Emit a bit-serial conv into a Relax function being built; returns the int32 NHWC output var.
+
+    ``x``: a Relax expr of unsigned a-bit ints (uint8/int32 container, NHWC); ``packed_w``: the
+    packed weights (a NumPy array from :mod:`apq.kernels.bitpack` or a ``relax.Constant``), which
+    become a constant of the network. The scheduled PrimFunc is added to the module with its
+    symbol stripped and ``op_pattern`` 8 (opaque), so one network can mix bit-serial, int8 and
+    float layers and FuseTIR leaves it alone.
+    """
+    import tvm
+    from tvm import relax
+
+    x_shape, x_dtype = _shape_of(x), _dtype_of(x)
+    w_const = packed_w if isinstance(packed_w, tvm.ir.expr.Constant) else relax.const(np.ascontiguousarray(packed_w))
+    w_shape = _shape_of(w_const)
+    if depthwise:
+        func = depthwise_primfunc(x_shape, kernel_size, cfg, target, sched, x_dtype, dw_pack)
+        o = x_shape[3]
+    else:
+        func = conv2d_primfunc(x_shape, w_shape, cfg, target, sched, x_dtype)
+        o = w_shape[-1]
+    oh = conv_out_size(x_shape[1], kernel_size, cfg.stride, cfg.padding)
+    ow = conv_out_size(x_shape[2], kernel_size, cfg.stride, cfg.padding)
+    gv = bb.add_func(_finish(func, name), name)
+    out_ty = relax.TensorType((x_shape[0], oh, ow, o), "int32")
+    return bb.emit(relax.call_tir(gv, [x, w_const], out_ty))
+
+
+def emit_bitserial_dense(bb, x, packed_w, *, cfg: BitserialConfig, target=None,
+                         sched: ScheduleConfig | None = None, name: str = "bitserial_dense"):
+    """Emit a bit-serial dense ``(M, K) x packed (KW, w_bits, O) -> int32 (M, O)`` into a Relax function."""
+    import tvm
+    from tvm import relax
+
+    x_shape, x_dtype = _shape_of(x), _dtype_of(x)
+    w_const = packed_w if isinstance(packed_w, tvm.ir.expr.Constant) else relax.const(np.ascontiguousarray(packed_w))
+    w_shape = _shape_of(w_const)
+    func = dense_primfunc(x_shape, w_shape, cfg, target, sched, x_dtype)
+    gv = bb.add_func(_finish(func, name), name)
+    return bb.emit(relax.call_tir(gv, [x, w_const], relax.TensorType((x_shape[0], w_shape[-1]), "int32")))
