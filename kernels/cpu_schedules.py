@@ -37,6 +37,11 @@ _VECTOR_BITS_BY_FEATURE: tuple[tuple[str, int], ...] = (
     ("sve", 128),  # SVE is length-agnostic; 128 is the floor every SVE core has
 )
 
+#: 4-way int8 dot-product instruction family, by the LLVM target feature that provides it.
+_INT8_DOT_BY_FEATURE: tuple[tuple[str, str], ...] = (
+    ("avx512vnni", "avx512vnni"),
+)
+
 
 @dataclass(frozen=True)
 class CpuScheduleConfig:
@@ -47,6 +52,8 @@ class CpuScheduleConfig:
     for accumulators (AVX-512 has 32, NEON 32; keep room for inputs and broadcasts).
     ``max_oc_tile``: most output channels per register tile. ``min_parallel_work``: below
     this many scalar iterations a loop nest is not worth waking the thread pool for.
+    ``int8_dot``: the 4-way int8 dot-product instruction family the integer conv may be
+    tensorized with (a key of :data:`INT8_DOT_CONV`, e.g. ``"avx512vnni"``; "" = none).
     """
 
     vector_bits: int = 128
@@ -54,6 +61,7 @@ class CpuScheduleConfig:
     accumulators: int = 16
     max_oc_tile: int = 8
     min_parallel_work: int = 4096
+    int8_dot: str = ""
 
     def lanes(self, dtype_bits: int) -> int:
         """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""
@@ -84,7 +92,15 @@ class CpuScheduleConfig:
                     break
             except Exception:  # feature unknown to this LLVM backend: not present
                 continue
-        return CpuScheduleConfig(vector_bits=bits, num_cores=cores)
+        dot = ""
+        for feature, family in _INT8_DOT_BY_FEATURE:
+            try:
+                if codegen.target_has_features(feature, target):
+                    dot = family
+                    break
+            except Exception:  # feature unknown to this LLVM backend (e.g. aarch64): absent
+                continue
+        return CpuScheduleConfig(vector_bits=bits, num_cores=cores, int8_dot=dot)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -341,6 +357,8 @@ class Conv2dNCHWRule(_LazyRule):
         if geo is None:
             return False
         inline_elementwise(sch, func, keep=[conv], keep_padding=True)
+        if self._schedule_int8_dot(sch, func, conv, geo, cfg):
+            return True
         if geo["stride_w"] > 1:
             self._deinterleave_padded_input(sch, conv, geo["stride_w"])
         lanes = cfg.lanes(_dtype_bits(sch, conv))
@@ -370,6 +388,23 @@ class Conv2dNCHWRule(_LazyRule):
         sch.vectorize(sch.get_loops(init)[-1])
         self._schedule_rest(sch, cfg, done)
         return True
+
+    @staticmethod
+    def _schedule_int8_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> bool:
+        """Tensorize with the target's int8 dot-product instruction when the conv qualifies.
+
+        The tiling is first tried on a copy of the schedule: if TVM rejects any step
+        (tensorize pattern mismatch, say), ``sch`` is untouched and the generic tiling runs.
+        """
+        tiling = INT8_DOT_CONV.get(cfg.int8_dot)
+        if tiling is None:
+            return False
+        applicable, schedule = tiling()
+        if not applicable(sch, conv, geo):
+            return False
+        if not _try(schedule, sch.copy(), func, conv, geo, cfg):
+            return False
+        return schedule(sch, func, conv, geo, cfg)
 
     @staticmethod
     def _deinterleave_padded_input(sch: Any, conv: Any, stride: int) -> None:
@@ -472,6 +507,19 @@ class GenericRule(_LazyRule):
             else:
                 schedule_spatial(sch, block, cfg)
         return True
+
+
+def _x86_vnni_conv() -> tuple[Callable[..., bool], Callable[..., bool]]:
+    from apq.kernels import x86_int8
+
+    return x86_int8.vnni_conv_applicable, x86_int8.schedule_conv2d_vnni
+
+
+#: Tensorized integer-conv tilings by ``CpuScheduleConfig.int8_dot`` family; each entry gives
+#: ``(applicable(sch, conv, geo), schedule(sch, func, conv, geo, cfg))``, imported lazily.
+INT8_DOT_CONV: dict[str, Callable[[], tuple[Callable[..., bool], Callable[..., bool]]]] = {
+    "avx512vnni": _x86_vnni_conv,
+}
 
 
 #: The rule registry, tried in order; the first rule that returns a schedule wins.

@@ -1,0 +1,222 @@
+"""AVX-512 VNNI (``vpdpbusd``) int8 dot products for apq's integer conv2d schedules.
+
+Why this exists: an ``uint8 x int8 -> int32`` conv left to LLVM's auto-vectorizer becomes
+16-bit multiply-adds (``vpmaddwd``/``vpdpwssd``: 32 MACs per instruction). ``vpdpbusd``
+does 64 u8 x s8 MACs per instruction into 16 int32 lanes, exactly (no int16 saturation,
+unlike ``vpmaddubsw``). TVM 0.27 ships a ``dot_16x4_vnni`` tensor intrinsic, but it calls
+``llvm.x86.avx512.vpdpbusd.512`` with the pre-LLVM-22 operand types (``<16 x i32>`` for the
+byte operands), so the LLVM 22 in the wheel rejects the module. The intrinsic below passes
+the bytes as ``<64 x i8>`` (the LLVM 22 signature, verified by building and running it).
+
+Tiling ("pixel lanes"): the 16 int32 lanes are 16 *output pixels* of one output channel,
+the 4 bytes each lane reduces are 4 consecutive *input channels* of that pixel, and the
+weights of those 4 input channels are one 32-bit broadcast. So
+
+    acc[oc][p0:p0+16] += sum_{k<4} X4[ic/4][p0:p0+16][k] * W[oc][ic + k]
+
+Why this orientation: the output stays NCHW with 16 contiguous pixels per accumulator (the
+fused requantize epilogue vectorizes exactly as in the float schedule), and a pointwise
+conv's OIHW weights already hold 4 consecutive input channels contiguously, so weights,
+which are constants but arrive as function parameters, need no repacking per call. Only
+the activations are repacked per call into ``[N, C/4, H*W, 4]`` (C*H*W bytes, against
+C*H*W*OC multiply-adds in the conv).
+
+Scope (everything else keeps the LLVM-vectorized path of :mod:`apq.kernels.cpu_schedules`):
+stride-1 pointwise convs, ``groups == 1``, uint8 activations, int8 weights, int32
+accumulation, input channels a multiple of 4, and H*W splittable into tiles of whole
+16-pixel vectors that are whole rows or divide a row (:func:`pixel_vectors`). Not covered:
+signed int8 activations (exact via ``x + 128`` as uint8 and a ``-128 * sum(W)`` correction,
+but that changes the computation, which a schedule cannot do: it belongs in the Relax-level
+QDQ lowering), KxK / strided convs (their weights would need a per-call repack, or a
+compile-time one at the Relax level) and matmul (batch-1 dense layers have no pixel axis
+for the lanes; they need compile-time packed weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Name under which the tensor intrinsic is registered in TVM's TensorIntrin table.
+VNNI_U8S8_PIXELS16_K4 = "apq_vnni_u8s8i32_pixels16_k4"
+#: LLVM intrinsic (LLVM 22 operand types: <16 x i32>, <64 x i8>, <64 x i8> -> <16 x i32>).
+_LLVM_VPDPBUSD_512 = "llvm.x86.avx512.vpdpbusd.512"
+
+LANES = 16  # int32 accumulators per zmm register
+K_GROUP = 4  # bytes reduced into one int32 lane by vpdpbusd
+
+
+def _intrin_funcs() -> tuple[Any, Any]:
+    """(desc, impl) PrimFuncs of the 16-pixel x 4-channel dot product.
+
+    ``A``: 16 pixels x 4 channels of the packed input; ``B``: the 4 weights of one output
+    channel, a ``[4, 1, 1]`` slice of a pointwise OIHW weight; ``C``: 16 local accumulators.
+    """
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (LANES, K_GROUP), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
+            T.writes(C[0:LANES])
+            for i, k in T.grid(LANES, K_GROUP):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vi, vk]) * T.Cast("int32", B[vk, 0, 0])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (LANES, K_GROUP), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
+            T.writes(C[0:LANES])
+            # written as one expression: named temporaries would become local allocations
+            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
+                "int32x16", _LLVM_VPDPBUSD_512, C.vload([0], "int32x16"), A.vload([0, 0], "uint8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(B.vload([0, 0, 0], "int8x4"), dtype="int32"), LANES),
+                              dtype="int8x64"))
+
+    return desc, impl
+
+
+def register_intrinsics() -> str:
+    """Register the VNNI tensor intrinsic once per process; returns its name."""
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(VNNI_U8S8_PIXELS16_K4, allow_missing=True) is None:
+        desc, impl = _intrin_funcs()
+        TensorIntrin.register(VNNI_U8S8_PIXELS16_K4, desc, impl)
+    return VNNI_U8S8_PIXELS16_K4
+
+
+# --------------------------------------------------------------------------- conv2d schedule
+
+
+def _vnni_conv_operands(sch: Any, conv: Any) -> tuple[int, int] | None:
+    """(data read index, weight read index) when the conv block is ``u8 x s8 -> i32``, else None."""
+    block = sch.get(conv)
+    if str(block.writes[0].source.dtype) != "int32" or len(block.reads) < 2:
+        return None
+    data = weight = None
+    for i, region in enumerate(block.reads):
+        buf = region.source
+        if len(buf.shape) != 4:
+            continue
+        if str(buf.dtype) == "uint8":
+            data = i
+        elif str(buf.dtype) == "int8":
+            weight = i
+    if data is None or weight is None:
+        return None
+    return data, weight
+
+
+def vnni_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
+    """Is this (already inlined) NCHW conv block one the VNNI pixel-lane tiling covers?"""
+    if _vnni_conv_operands(sch, conv) is None:
+        return False
+    if not (geo["kh"] == 1 and geo["kw"] == 1 and geo["stride_w"] == 1):
+        return False
+    block = sch.get(conv)
+    exts = [int(iv.dom.extent) for iv in block.iter_vars]
+    n_ic = exts[4]
+    data_i, weight_i = _vnni_conv_operands(sch, conv)
+    w_shape = [int(s) for s in block.reads[weight_i].source.shape]
+    x_shape = [int(s) for s in block.reads[data_i].source.shape]
+    # groups == 1: the reduction covers every input channel of both operands
+    if w_shape[1] != n_ic or x_shape[1] != n_ic:
+        return False
+    # a stride-1 pointwise conv reads exactly the output grid (no padding border)
+    if x_shape[2] != geo["oh"] or x_shape[3] != geo["ow"]:
+        return False
+    return n_ic % K_GROUP == 0 and pixel_vectors(geo["oh"] * geo["ow"], geo["ow"]) is not None
+
+
+#: Pixel vectors per register tile, in order of preference (2 amortizes each weight
+#: broadcast over two vpdpbusd; more vectors leave fewer registers for output channels).
+_PIXEL_VECTOR_CHOICES = (2, 1, 4, 3, 5, 6)
+
+
+def pixel_vectors(npix: int, row: int) -> int | None:
+    """Vectors of 16 pixels per tile, or None if no tile of whole vectors fits the image.
+
+    The tile must divide the H*W pixels and be a whole number of rows or divide a row:
+    the fused epilogue is computed per tile over a rectangle of (y, x), so a tile that
+    ended mid-row would make the epilogue read accumulators of the next tile (measured:
+    silently wrong outputs on a 12x12 image with 16-pixel tiles).
+    """
+    for n_vec in _PIXEL_VECTOR_CHOICES:
+        tile = n_vec * LANES
+        if npix % tile == 0 and (tile % row == 0 or row % tile == 0):
+            return n_vec
+    return None
+
+
+def _pack_activations(sch: Any, conv: Any, data_i: int, width: int, cfg: Any) -> Any:
+    """Copy the conv's uint8 input into ``[N, C/4, H*W, 4]`` (4 channels of a pixel adjacent).
+
+    The copy iterates in the packed order (contiguous writes) with the 4 channels unrolled
+    and left to LLVM: TVM's ``vectorize`` of this loop produced per-lane scalar accesses.
+    Rows of channel groups run in parallel when the copy is big enough.
+    """
+    pack = sch.cache_read(conv, data_i, "global")
+
+    def layout(n: Any, c: Any, h: Any, w: Any) -> tuple[Any, ...]:
+        return (n, c // K_GROUP, h * width + w, c % K_GROUP)
+
+    sch.transform_layout(pack, ("write", 0), layout)
+    sch.transform_block_layout(pack, layout)
+    n, c4, pix, k = sch.get_loops(pack)
+    sch.unroll(k)
+    rows = sch.fuse(n, c4)
+    size = int(sch.get(rows).extent) * int(sch.get(pix).extent) * K_GROUP
+    if cfg.num_cores > 1 and int(sch.get(rows).extent) > 1 and size >= cfg.min_parallel_work:
+        sch.parallel(rows)
+    return pack
+
+
+def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg: Any) -> bool:
+    """Tile a pointwise u8 x s8 conv so its inner (16 pixels x 4 channels) block is vpdpbusd.
+
+    Register tile: ``oc_t`` output channels x ``n_vec`` vectors of 16 pixels, all int32
+    accumulators live in zmm registers across the whole reduction; per 4 input channels
+    each pixel vector is loaded once and each channel's 4 weights are one broadcast.
+    Expects ``conv`` already inlined (see :func:`vnni_conv_applicable`); returns True when
+    the function is fully scheduled.
+    """
+    from apq.kernels.cpu_schedules import Conv2dNCHWRule, _largest_divisor, _tile_consumer
+
+    data_i, _ = _vnni_conv_operands(sch, conv)
+    intrin = register_intrinsics()
+    width, npix = geo["ow"], geo["oh"] * geo["ow"]
+    pack = _pack_activations(sch, conv, data_i, width, cfg)
+    acc = Conv2dNCHWRule._accumulator(sch, func, conv)
+
+    def flat_pixels(n: Any, f: Any, h: Any, w: Any) -> tuple[Any, ...]:
+        return (n, f, h * width + w)
+
+    sch.transform_layout(acc, ("write", 0), flat_pixels)
+    sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
+    n, f, pix, rc, ry, rx = sch.get_loops(acc)
+    n_vec = pixel_vectors(npix, width)
+    oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
+    fo, fi = sch.split(f, [None, oc_t])
+    po, pv, pl = sch.split(pix, [None, n_vec, LANES])
+    rco, rci = sch.split(rc, [None, K_GROUP])
+    sch.reorder(n, fo, po, rco, ry, rx, fi, pv, pl, rci)
+    outer = sch.fuse(n, fo, po)
+    work = geo["oc"] * npix
+    if cfg.num_cores > 1 and int(sch.get(outer).extent) > 1 and work >= cfg.min_parallel_work:
+        sch.parallel(outer)
+    done = {sch.get(acc).name_hint, sch.get(pack).name_hint, _tile_consumer(sch, func, acc, outer, LANES)}
+    init = sch.decompose_reduction(acc, rco)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(pl, intrin)
+    sch.unroll(fi)
+    sch.unroll(pv)
+    Conv2dNCHWRule._schedule_rest(sch, cfg, done)
+    return True
