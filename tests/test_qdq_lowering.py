@@ -259,3 +259,31 @@ def test_float_model_passes_through_and_report_survives_decompose():
     lowered = relax.transform.DecomposeOpsForInference()(lower_qdq(mod, None))
     layers = describe_layers(lowered)
     assert [(r.kernel, r.weight_bits) for r in layers] == [("conv2d.float32", 32)] * 3 + [("matmul.float32", 32)]
+
+
+def test_int8_pointwise_inputs_rebiased_to_uint8_are_exact(tmp_path):
+    """x + 128 with zero point + 128 is the same integer conv: outputs must be identical."""
+    import tvm
+    from tvm import relax
+
+    from apq.kernels.pipeline import compile_relax
+    from apq.targets.registry import get_target
+    from apq.toolchain.examples import mobilenetv2_onnx, quantize_qdq
+    from apq.toolchain.layers import describe_layers
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+    from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
+
+    fp = mobilenetv2_onnx(tmp_path / "f.onnx", width=0.25)
+    model = load_onnx(quantize_qdq(fp, tmp_path / "q.onnx", activation_type="QInt8"))
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    outs, kernels = [], []
+    for flag in (False, True):
+        mod = lower_qdq(import_to_relax(model, resolve_input_specs(model)), read_bits_hint(model),
+                        uint8_pointwise=flag)
+        kernels.append([r.kernel for r in describe_layers(mod)])
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        vm = relax.VirtualMachine(compile_relax(mod, get_target("host").tvm()), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert "conv2d.uint8xint8->int32" not in kernels[0]
+    assert kernels[1].count("conv2d.uint8xint8->int32") >= 5  # the pointwise convs

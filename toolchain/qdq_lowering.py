@@ -168,6 +168,9 @@ class _Lowering:
     weight_bits: dict[str, int] = field(default_factory=dict)
     weight_names: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # raised after the rewrite (not across the FFI)
+    #: shift int8 activations of pointwise convs to uint8 (x + 128, zero point + 128): exact, and
+    #: lets u8 x s8 dot-product instructions (x86 VNNI vpdpbusd) run them.
+    uint8_pointwise: bool = False
 
     def weight(self, w: np.ndarray, emitted: np.ndarray) -> None:
         """Record bits of a lowered weight (keyed by the constant as emitted) and check them."""
@@ -277,6 +280,10 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
                   dilation=[int(d) for d in _attr(conv, "dilation")],
                   groups=int(_attr(conv, "groups")), out_dtype="int32")
     data = _Dequant.of(m.x).q
+    pointwise = w.shape[2:] == (1, 1) and kwargs["groups"] == 1
+    if state.uint8_pointwise and pointwise and str(data.ty.dtype) == "int8":
+        data = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16")), "uint8")
+        zx += 128
     if zx != 0 and any(padding):
         # Padding is the real value 0.0, i.e. z_x in the quantized domain: pad explicitly.
         top, left, bottom, right = padding
@@ -360,17 +367,19 @@ def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
     return dpl.rewrite_call(pattern, rewrite, func)
 
 
-def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main") -> Any:
+def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main",
+              uint8_pointwise: bool = False) -> Any:
     """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
 
     ``bits_hint`` is :func:`read_bits_hint`'s result (or None: all weights 8-bit). Returns a
     new module (the input is not modified) whose attributes record the weight bit-widths
     for :func:`apq.toolchain.layers.describe_layers`. Raises InvalidInputError if a weight
-    holds values outside its declared bit range.
+    holds values outside its declared bit range. ``uint8_pointwise`` re-biases int8 inputs
+    of pointwise convs to uint8 (exact; for targets whose fast int8 dot product is u8 x s8).
     """
     from tvm import relax
 
-    state = _Lowering(_weight_hints(bits_hint))
+    state = _Lowering(_weight_hints(bits_hint), uint8_pointwise=uint8_pointwise)
     func = mod[func_name]
     for rule in RULES:
         func = _apply_rule(func, rule, state)
