@@ -52,6 +52,8 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-lower-qdq", action="store_true",
                    help="keep TVM's fake-quant float execution of QDQ models (for comparison)")
+    p.add_argument("--bitserial", choices=["auto", "on", "off"], default="auto",
+                   help="run <=4-bit layers on bit-serial kernels (auto: on for bitfusion, off on CPUs)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
 
@@ -61,7 +63,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from apq.toolchain.compile import CompileOptions, compile_onnx
     from apq.toolchain.verify import verify_artifact
 
-    options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq)
+    from apq.toolchain.bitserial_lowering import BitserialPolicy
+
+    policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled()}[args.bitserial]
+    options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy)
     res = compile_onnx(args.model, args.target, args.output, _shapes(args.input_shape), options,
                        progress=not args.json)
     report: dict[str, Any] = res.to_json()

@@ -18,6 +18,7 @@ from typing import Any
 
 from apq.targets.registry import TargetSpec, get_target
 from apq.toolchain.artifact import LIBRARY, write_artifact
+from apq.toolchain.bitserial_lowering import BitserialPolicy, lower_bitserial, name_bitserial_layers, supports_target
 from apq.toolchain.errors import ApqError
 from apq.toolchain.onnx_import import (
     TensorSpec,
@@ -36,13 +37,25 @@ class CompileOptions:
     target: str = "host"
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     lower_qdq: bool = True  # lower QDQ chains to integer kernels (False: keep TVM's fake-quant float)
+    # which <= 4-bit integer layers run bit-serial (toolchain/bitserial_lowering.py); None = the
+    # target's default: on for the bit-serial accelerator (`bitfusion`), off on CPUs, where the
+    # NCHW<->NHWC transposes around each bit-serial layer currently cost more than they save
+    # (bench/mixed_precision.py: 0.673 ms with vs 0.607 ms without at 32 px).
+    bitserial: BitserialPolicy | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "CompileOptions":
+        d = dict(d)
+        d["bitserial"] = BitserialPolicy.from_json(d["bitserial"]) if d.get("bitserial") is not None else None
         return CompileOptions(**d)
+
+    def bitserial_policy(self, target: TargetSpec) -> BitserialPolicy:
+        if self.bitserial is not None:
+            return self.bitserial
+        return BitserialPolicy() if target.executor == "simulator" else BitserialPolicy.disabled()
 
 
 @dataclass
@@ -83,8 +96,15 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
     if options.lower_qdq and is_qdq_model(model):
         from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
 
-        mod = lower_qdq(mod, read_bits_hint(model))
-    layers = describe_layers(mod)
+        policy = options.bitserial_policy(target)
+        bitserial = policy.enabled and supports_target(target)
+        # u8 x s8 is what VNNI's vpdpbusd multiplies: re-bias int8 pointwise inputs (exact). Not with
+        # bit-serial lowering, which needs zero-point-0 activations.
+        vnni = "avx512vnni" in target.features and not bitserial
+        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni)
+        if bitserial:  # <= 4-bit layers -> bit-serial kernels
+            mod = lower_bitserial(mod, target, policy)
+    layers = name_bitserial_layers(describe_layers(mod), mod)
     mod = relax.transform.DecomposeOpsForInference()(mod)
     return mod, layers
 

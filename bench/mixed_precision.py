@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Mixed precision (bit-serial 2-4 bit pointwise blocks) vs int8 vs float: apq-compiled vs onnxruntime.
+
+One MobileNetV2-style StaticNet (random weights, BN statistics randomised, activation clips
+calibrated on random inputs) is exported three ways on the same weights: ``int8`` (apq QDQ
+convention, every layer 8 bits), ``mixed`` (pointwise convs of the inner blocks at 2-4 bits, which
+apq-compile lowers to bit-serial kernels; depthwise, stem, head and classifier 8 bits) and
+``float``. Each ONNX file is compiled by apq for the host and run by onnxruntime (all graph
+optimizations: QDQ fused into its int8 kernels where it can), same threads, batch 1, timed in this
+one process by the same protocol (apq.toolchain.profile: warm-up, repeat until a minimum time,
+median), so ratios are meaningful on a loaded machine and absolute numbers are not.
+
+Records: {model, precision, threads, apq_ms, ort_ms, speedup (= ort_ms / apq_ms), ...}; the mixed
+model also gets ``speedup_vs_ort_int8`` (ort on the all-int8 file / apq on the mixed file: the
+question "is apq's mixed model faster than what onnxruntime runs for an int8 model?") and
+``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled: what the bit-serial
+kernels themselves buy). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: (expand ratio, out channels, repeats, stride): examples.MBV2_STAGES with deeper middle stages (10 blocks).
+STAGES = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 2), (4, 96, 2, 1)]
+STEM_CH, HEAD_CH = 32, 320
+
+
+def block_bits(i: int, n: int, precision: str) -> tuple[int | None, ...]:
+    """(pw_w, pw_a, dw_w, dw_a) of block ``i`` of ``n``: the mixed policy of this benchmark.
+
+    Mixed: first and last block 4-bit pointwise (closest to the 8-bit stem/head), inner blocks
+    2-bit pointwise; depthwise stays 8-bit (bench/kernels.py: bit-serial depthwise only wins at
+    1-2 bits *and* loses accuracy fastest there).
+    """
+    if precision == "float":
+        return (None,) * 4
+    if precision == "int8":
+        return (8, 8, 8, 8)
+    pw = 4 if i in (0, n - 1) else 2
+    return (pw, pw, 8, 8)
+
+
+def make_net(precision: str, resolution: int, classes: int = 10, seed: int = 0):
+    """The benchmark StaticNet at ``precision`` (same weights for every precision with the same seed)."""
+    import torch
+
+    from apq.toolchain.supernet.qlayers import InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net
+
+    torch.manual_seed(seed)
+    q8 = None if precision == "float" else 8
+    n = sum(r for _, _, r, _ in STAGES)
+    stem = QConvBNAct(3, STEM_CH, 3, 1 if resolution <= 64 else 2, in_signed=True, w_bits=q8, a_bits=q8)
+    blocks, c = [], STEM_CH
+    for t, cout, reps, s in STAGES:
+        for r in range(reps):
+            pw_w, pw_a, dw_w, dw_a = block_bits(len(blocks), n, precision)
+            blocks.append(InvertedResidual(c, c * t, cout, 3, s if r == 0 else 1, pw_w, pw_a, dw_w, dw_a))
+            c = cout
+    head = QConvBNAct(c, HEAD_CH, 1, in_signed=True, w_bits=q8, a_bits=q8)
+    net = StaticNet(stem, blocks, head, QLinear(HEAD_CH, classes, w_bits=q8, a_bits=q8))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                k = m.num_features
+                m.running_mean.copy_(torch.rand(k, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(k, generator=g) + 0.5)
+                m.weight.data.copy_(torch.rand(k, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(k, generator=g) - 0.5)
+    net.eval()
+    calibrate_net(net, torch.randn(8, 3, resolution, resolution, generator=g))
+    return net
+
+
+def export(precision: str, resolution: int, work: Path) -> Path:
+    from apq.toolchain.supernet.qlayers import export_onnx
+
+    net = make_net(precision, resolution)
+    return export_onnx(net, work / f"mbv2_{precision}_{resolution}.onnx", (1, 3, resolution, resolution),
+                       quantized=precision != "float")
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def time_apq(onnx_path: Path, out: Path, threads: int, cfg, options=None) -> tuple[Any, Any, float]:
+    """(LatencyStats, loaded artifact, compile seconds) of apq-compiling ``onnx_path`` for the host."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import compile_onnx
+    from apq.toolchain.profile import profile_library
+
+    res = compile_onnx(onnx_path, "host", out, options=options)
+    art = open_artifact(res.artifact_path)
+    stats = profile_library(art.lib_path, art.random_inputs(0), threads, cfg, per_layer=False).e2e
+    return stats, art, res.compile_s
+
+
+def time_ort(onnx_path: Path, art, threads: int, cfg):
+    from apq.toolchain.profile import measure
+
+    sess = ort_session(onnx_path, threads)
+    feed = {art.input_specs[0].name: art.random_inputs(0)[0]}
+    return measure(lambda: sess.run(None, feed), cfg, threads=threads)
+
+
+#: per-kernel groups of the --transposes table: (group, test on the kernel name), first match wins
+KERNEL_GROUPS: tuple[tuple[str, Any], ...] = (
+    ("bitserial_ms", lambda n: n.startswith("bitserial")),
+    ("standalone_transpose_ms", lambda n: n.startswith("transpose")),  # could not fuse (after an int8 conv)
+    ("epilogue_with_transpose_ms", lambda n: n.startswith("fused_transpose")),  # NHWC->NCHW + requantize
+    ("int8_conv_ms", lambda n: n.startswith("fused_conv2d") or n.startswith("fused_matmul")),
+    ("vm_builtins_ms", lambda n: n.startswith("(")),
+    ("other_ms", lambda n: True),
+)
+
+
+def kernel_groups(art, threads: int, cfg) -> dict[str, float]:
+    """Instrumented per-kernel ms of an artifact, summed by :data:`KERNEL_GROUPS` (where the time goes,
+    in particular what the NCHW<->NHWC transposes around the bit-serial kernels cost)."""
+    from apq.toolchain.profile import profile_library
+
+    rep = profile_library(art.lib_path, art.random_inputs(0), threads, cfg, per_layer=True)
+    groups = {name: 0.0 for name, _ in KERNEL_GROUPS}
+    for row in rep.layers:
+        groups[next(g for g, match in KERNEL_GROUPS if match(row.name))] += row.total_ms
+    groups["instrumented_total_ms"] = rep.instrumented_ms
+    return {k: round(v, 4) for k, v in groups.items()}
+
+
+def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from apq.toolchain.bitserial_lowering import BitserialPolicy
+    from apq.toolchain.compile import CompileOptions
+
+    records: list[dict[str, Any]] = []
+    ort_int8_ms = None
+    for precision in tqdm(("float", "int8", "mixed"), desc="mixed-precision bench", leave=False):
+        path = export(precision, resolution, work)
+        # the mixed model explicitly with bit-serial kernels (the host default keeps them on int8)
+        opts = CompileOptions(bitserial=BitserialPolicy()) if precision == "mixed" else None
+        apq, art, compile_s = time_apq(path, work / f"{path.stem}.apq", threads, cfg, opts)
+        ort = time_ort(path, art, threads, cfg)
+        layers = art.manifest["layers"]
+        rec: dict[str, Any] = {
+            "model": f"mobilenetv2-style-{len(STAGES)}stages", "precision": precision, "resolution": resolution,
+            "threads": threads, "batch": 1, "apq_ms": round(apq.median_ms, 4), "ort_ms": round(ort.median_ms, 4),
+            "speedup": round(ort.median_ms / apq.median_ms, 3), "compile_s": round(compile_s, 2),
+            "bitserial_layers": sum(1 for lay in layers if lay["kernel"].startswith("bitserial")),
+            "layers": len(layers), "apq_p10_p90_ms": [round(apq.p10_ms, 4), round(apq.p90_ms, 4)],
+            "source": "measured", "device": apq.device}
+        if precision == "int8":
+            ort_int8_ms = ort.median_ms
+        if precision == "mixed":
+            rec["speedup_vs_ort_int8"] = round(ort_int8_ms / apq.median_ms, 3) if ort_int8_ms else None
+            off = CompileOptions(bitserial=BitserialPolicy.disabled())
+            int8_path, _, _ = time_apq(path, work / f"{path.stem}_int8path.apq", threads, cfg, off)
+            rec["apq_int8_path_ms"] = round(int8_path.median_ms, 4)
+            if transposes:
+                rec["kernel_groups"] = kernel_groups(art, threads, cfg)
+        records.append(rec)
+        print(f"# {precision}: apq {apq.median_ms:.3f} ms, ort {ort.median_ms:.3f} ms, "
+              f"speedup {ort.median_ms / apq.median_ms:.2f}", file=sys.stderr)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    from apq.toolchain.profile import MeasureConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per figure")
+    ap.add_argument("--transposes", action="store_true", help="also profile per kernel (transpose cost)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=10)
+    with tempfile.TemporaryDirectory(prefix="apq-mixed-") as tmp:
+        records = run(args.resolution, args.threads, cfg, Path(tmp), args.transposes)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        print(f"{'precision':<9} {'thr':>3} {'apq_ms':>8} {'ort_ms':>8} {'speedup':>8} {'bit-serial':>10}")
+        for r in records:
+            print(f"{r['precision']:<9} {r['threads']:>3} {r['apq_ms']:>8.3f} {r['ort_ms']:>8.3f} "
+                  f"{r['speedup']:>8.2f} {r['bitserial_layers']:>4}/{r['layers']:<5}")
+        mixed = records[-1]
+        print(f"mixed: apq {mixed['apq_ms']:.3f} ms (same file, bit-serial off: {mixed['apq_int8_path_ms']:.3f} ms); "
+              f"onnxruntime int8 model / apq mixed = {mixed['speedup_vs_ort_int8']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

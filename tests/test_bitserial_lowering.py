@@ -1,0 +1,248 @@
+"""Bit-serial lowering: <= 4-bit layers really run bit-serial kernels, and nothing changes numerically.
+
+Two levels: (1) single integer layers in a hand-built Relax module (pointwise with a signed input
+shifted by the offset, strided 2-bit depthwise, padded 3x3 conv, dense) compared exactly, int32
+against int32, with the int8 kernels they replace; (2) a tiny mixed 2/4/8-bit StaticNet exported
+with apq's QDQ convention and compiled by apq-compile: manifest, bit-identical logits against the
+bit-serial-disabled build, parity with onnxruntime, and an ARM build run under qemu.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+from tvm import relax  # noqa: E402
+
+from apq.targets.registry import TargetSpec, get_target  # noqa: E402
+from apq.toolchain.bitserial_lowering import (  # noqa: E402
+    BitserialPolicy,
+    OpRule,
+    lower_bitserial,
+    plan_bitserial,
+    read_decisions,
+    supports_target,
+)
+from apq.toolchain.compile import CompileOptions, compile_onnx  # noqa: E402
+from apq.toolchain.errors import InvalidInputError  # noqa: E402
+from apq.toolchain.layers import describe_layers  # noqa: E402
+
+SHAPE = (1, 3, 16, 16)
+ALL_KINDS = BitserialPolicy(rules=[OpRule("pointwise", 4, 4), OpRule("conv", 4, 4), OpRule("depthwise", 2, 2),
+                                   OpRule("dense", 4, 4)], keep_first_last=False)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_policy_round_trips_through_json_and_compile_options() -> None:
+    p = BitserialPolicy(rules=[OpRule("pointwise", 2, 4)], keep_first_last=False)
+    assert BitserialPolicy.from_json(json.dumps(p.to_json())) == p
+    opts = CompileOptions(target="host", bitserial=p)
+    back = CompileOptions.from_json(json.loads(json.dumps(opts.to_json())))
+    assert back == opts and isinstance(back.bitserial, BitserialPolicy)
+    old = {"target": "host", "input_shapes": {}, "lower_qdq": True}  # a manifest from before this pass
+    assert CompileOptions.from_json(old).bitserial is None  # None: the target's default policy
+    from apq.targets.registry import get_target as _t
+    assert not CompileOptions().bitserial_policy(_t("host")).enabled  # CPUs: off (transposes cost more)
+    assert CompileOptions().bitserial_policy(_t("bitfusion")).enabled  # the bit-serial accelerator: on
+    with pytest.raises(InvalidInputError):
+        OpRule("winograd", 4, 4)
+    with pytest.raises(InvalidInputError):
+        BitserialPolicy.from_json({"rules": [], "bogus": 1})
+
+
+def test_target_support() -> None:
+    assert supports_target(get_target("raspberry-pi/4b-aarch64"))
+    no_popcnt = TargetSpec("old-x86", "no popcount", "x86_64", {"kind": "llvm"}, "local", features=("avx2",))
+    assert not supports_target(no_popcnt)
+
+
+# --------------------------------------------------------------------------- single layers, exact
+
+
+def _clipped(bb: relax.BlockBuilder, x: relax.Expr, lo: int, hi: int) -> relax.Expr:
+    dt = x.ty.dtype
+    return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(x, relax.const(lo, dt))), relax.const(hi, dt)))
+
+
+def _layers_module(rng: np.random.Generator) -> tuple[tvm.IRModule, list[np.ndarray]]:
+    """Four independent integer layers, each input bounded by a clip like apq's QDQ convention."""
+    bb = relax.BlockBuilder()
+    xs = [relax.Var("pw", relax.TensorType((1, 24, 5, 5), "int8")),  # signed 4-bit, 1x1: offset shift
+          relax.Var("dw", relax.TensorType((1, 16, 9, 9), "uint8")),  # unsigned 2-bit depthwise, stride 2
+          relax.Var("cv", relax.TensorType((1, 8, 6, 6), "uint8")),  # unsigned 3-bit 3x3 conv, padded
+          relax.Var("fc", relax.TensorType((2, 40), "int8"))]  # signed 2-bit dense
+    w_pw = rng.integers(-7, 8, (32, 24, 1, 1)).astype(np.int8)
+    w_dw = rng.integers(-1, 2, (16, 1, 3, 3)).astype(np.int8)
+    w_cv = rng.integers(-8, 8, (12, 8, 3, 3)).astype(np.int8)
+    w_fc = rng.integers(-1, 2, (40, 10)).astype(np.int8)
+    with bb.function("main", xs):
+        with bb.dataflow():
+            conv = relax.op.nn.conv2d
+            outs = [
+                bb.emit(conv(_clipped(bb, xs[0], -8, 7), relax.const(w_pw), out_dtype="int32")),
+                bb.emit(conv(_clipped(bb, xs[1], 0, 3), relax.const(w_dw), strides=2, padding=1, groups=16,
+                             out_dtype="int32")),
+                bb.emit(conv(_clipped(bb, xs[2], 0, 7), relax.const(w_cv), padding=1, out_dtype="int32")),
+                bb.emit(relax.op.matmul(_clipped(bb, xs[3], -2, 1), relax.const(w_fc), out_dtype="int32")),
+            ]
+            gv = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(gv)
+    inputs = [rng.integers(-128, 128, (1, 24, 5, 5)).astype(np.int8),  # full range: the clip bounds it
+              rng.integers(0, 256, (1, 16, 9, 9)).astype(np.uint8),
+              rng.integers(0, 256, (1, 8, 6, 6)).astype(np.uint8),
+              rng.integers(-128, 128, (2, 40)).astype(np.int8)]
+    return bb.get(), inputs
+
+
+def _run(mod: tvm.IRModule, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    from apq.kernels.pipeline import compile_relax
+
+    vm = relax.VirtualMachine(compile_relax(mod, get_target("host").tvm()), tvm.cpu())
+    return [o.numpy() for o in vm["main"](*[tvm.runtime.tensor(x) for x in inputs])]
+
+
+def test_single_layers_are_exact_and_described() -> None:
+    mod, inputs = _layers_module(np.random.default_rng(0))
+    plan = plan_bitserial(mod, ALL_KINDS)
+    assert [(d.op, d.a_bits, d.w_bits, d.bitserial, d.a_offset) for d in plan] == [
+        ("pointwise", 4, 4, True, 8), ("depthwise", 2, 2, True, 0), ("conv", 3, 4, True, 0),
+        ("dense", 2, 2, True, 2)]
+    lowered = lower_bitserial(mod, get_target("host"), ALL_KINDS)
+    recs = describe_layers(lowered)
+    assert [(r.kernel.rstrip("0123456789"), r.activation_bits, r.weight_bits) for r in recs] == [
+        ("bitserial_conv2d_a4w4_nhwc", 4, 4), ("bitserial_depthwise_conv2d_a2w2_nhwc", 2, 2),
+        ("bitserial_conv2d_a3w4_nhwc", 3, 4), ("bitserial_dense_a2w2_mk", 2, 2)]
+    want, got = _run(mod, inputs), _run(lowered, inputs)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype == np.int32 and np.abs(w).max() > 0
+        np.testing.assert_array_equal(g, w)
+
+
+def test_policy_and_proofs_keep_layers_int8() -> None:
+    mod, _ = _layers_module(np.random.default_rng(1))
+    default = {d.op: d for d in plan_bitserial(mod, BitserialPolicy(keep_first_last=False))}
+    assert not default["conv"].bitserial and "no rule" in default["conv"].reason  # KxK convs: int8 by default
+    assert default["pointwise"].bitserial and default["dense"].bitserial
+    first_last = plan_bitserial(mod, BitserialPolicy())
+    assert not first_last[0].bitserial and not first_last[-1].bitserial
+    tight = plan_bitserial(mod, BitserialPolicy(rules=[OpRule("pointwise", 2, 4)], keep_first_last=False))
+    assert not tight[0].bitserial and "a4w4 above" in tight[0].reason
+    no_shift = plan_bitserial(mod, BitserialPolicy(signed_offset=False, keep_first_last=False))
+    assert not no_shift[0].bitserial and "signed" in no_shift[0].reason
+    assert describe_layers(lower_bitserial(mod, get_target("host"), BitserialPolicy.disabled()))[0].kernel \
+        .startswith("conv2d.")
+
+
+# --------------------------------------------------------------------------- a real mixed-precision model
+
+
+def _mixed_net():
+    from apq.toolchain.supernet.qlayers import InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net
+
+    torch.manual_seed(0)
+    stem = QConvBNAct(3, 8, 3, 2, in_signed=True, w_bits=8, a_bits=8)
+    blocks = [InvertedResidual(8, 16, 8, 3, 1, 4, 4, 2, 2),  # pw a4w4 (signed expand input), dw a2w2
+              InvertedResidual(8, 24, 16, 5, 2, 2, 4, 8, 4),  # pw w2 a4, dw int8
+              InvertedResidual(16, 32, 16, 3, 1, 4, 2, 4, 8)]  # pw w4 a2, dw int8 (8-bit input)
+    head = QConvBNAct(16, 32, 1, in_signed=True, w_bits=8, a_bits=8)
+    net = StaticNet(stem, blocks, head, QLinear(32, 10, w_bits=8, a_bits=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    net.eval()
+    calibrate_net(net, torch.randn(8, *SHAPE[1:], generator=g))
+    return net
+
+
+@pytest.fixture(scope="module")
+def mixed_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apq.toolchain.supernet.qlayers import export_onnx
+
+    return export_onnx(_mixed_net(), tmp_path_factory.mktemp("bs") / "mixed.onnx", SHAPE)
+
+
+EXPECTED = {  # layer -> kernel family on a popcount CPU with the default policy
+    "stem.weight_q": "conv2d.int8xint8->int32",
+    "blocks.0.expand.weight_q": "bitserial_conv2d_a4w4",
+    "blocks.0.depthwise.weight_q": "bitserial_depthwise_conv2d_a2w2",
+    "blocks.0.project.weight_q": "bitserial_conv2d_a4w4",
+    "blocks.1.expand.weight_q": "bitserial_conv2d_a4w2",
+    "blocks.1.depthwise.weight_q": "conv2d.uint8xint8->int32",
+    "blocks.1.project.weight_q": "bitserial_conv2d_a4w2",
+    "blocks.2.expand.weight_q": "bitserial_conv2d_a2w4",
+    "blocks.2.depthwise.weight_q": "conv2d.uint8xint8->int32",
+    "blocks.2.project.weight_q": "bitserial_conv2d_a2w4",
+    "head.weight_q": "conv2d.int8xint8->int32",
+    "classifier.weight_q": "matmul.uint8xint8->int32",
+}
+
+
+def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx: Path, tmp_path: Path) -> None:
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.runtime import run_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    bs = compile_onnx(mixed_onnx, "host", tmp_path / "bs.apq", options=CompileOptions(bitserial=BitserialPolicy()))
+    layers = bs.manifest["layers"]
+    assert {lay["name"]: lay["kernel"] for lay in layers} == EXPECTED
+    for lay in layers:
+        if lay["kernel"].startswith("bitserial"):
+            a, w = (int(v) for v in lay["kernel"].split("_a")[-1].split("w"))
+            assert (lay["activation_bits"], lay["weight_bits"]) == (a, w) and max(a, w) <= 4
+            assert lay["geometry"]["op"] in ("conv", "dwconv")
+    assert bs.manifest["compile"]["options"]["bitserial"] == BitserialPolicy().to_json()
+
+    off = compile_onnx(mixed_onnx, "host", tmp_path / "i8.apq")  # host default: int8 kernels
+    assert off.manifest["compile"]["options"]["bitserial"] is None
+    assert not any(lay["kernel"].startswith("bitserial") for lay in off.manifest["layers"])
+    art_bs, art_off = open_artifact(bs.artifact_path), open_artifact(off.artifact_path)
+    outs = []
+    for seed in range(3):
+        x = art_bs.random_inputs(seed)
+        got, want = run_artifact(art_bs, x)[0], run_artifact(art_off, x)[0]
+        np.testing.assert_array_equal(got, want)
+        outs.append(got)
+    assert not np.array_equal(outs[0], outs[1])  # the inputs matter: not a constant network
+    rep = verify_artifact(art_bs, mixed_onnx, seed=5)
+    assert rep.passed and rep.argmax_agreement == 1.0, rep.to_json()
+
+
+@pytest.mark.qemu
+def test_mixed_model_builds_for_arm_and_matches_under_qemu(mixed_onnx: Path, tmp_path: Path) -> None:
+    from apq.targets.qemu import qemu_available
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    res = compile_onnx(mixed_onnx, "raspberry-pi/4b-aarch64", tmp_path / "arm.apq",
+                       options=CompileOptions(bitserial=BitserialPolicy()))
+    assert {lay["name"]: lay["kernel"] for lay in res.manifest["layers"]} == EXPECTED
+    ok, why = qemu_available()
+    if not ok:
+        pytest.skip(why)
+    rep = verify_artifact(open_artifact(res.artifact_path, "raspberry-pi/4b-aarch64"), mixed_onnx, seed=2)
+    assert rep.executed_on == "qemu-aarch64" and rep.passed, rep.to_json()
+
+
+def test_decisions_are_recorded_on_the_module(mixed_onnx: Path) -> None:
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+    from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
+
+    model = load_onnx(mixed_onnx)
+    mod = lower_qdq(import_to_relax(model, resolve_input_specs(model, {})), read_bits_hint(model))
+    decisions = read_decisions(lower_bitserial(mod, get_target("host")))
+    by_layer = {d.layer: d for d in decisions}
+    assert set(by_layer) == set(EXPECTED)
+    assert by_layer["blocks.0.expand.weight_q"].a_offset == 8  # signed 4-bit input shifted to [0, 15]
+    assert "padded" in by_layer["blocks.1.depthwise.weight_q"].reason or \
+        "above" in by_layer["blocks.1.depthwise.weight_q"].reason
+    assert by_layer["stem.weight_q"].reason.startswith("first/last")
