@@ -19,8 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import apq.toolchain, tvm, torch, onnxruntime, xgboost" >/dev/null 2>&1 \
-   || ! "$PY" -m pip show apq >/dev/null 2>&1; then
+HERE="$(pwd -P)"
+# (Re)install when a dependency is missing or when `apq` is not this checkout (another clone's
+# editable install would make the tests test the wrong tree).
+INSTALLED_AT="$("$PY" -c "import apq.toolchain, tvm, torch, onnxruntime, xgboost, os; print(os.path.realpath(os.path.dirname(os.path.dirname(apq.toolchain.__file__))))" 2>/dev/null || true)"
+if [ "$INSTALLED_AT" != "$HERE" ]; then
   echo "apq setup: pip install -e .[test] (pinned: apache-tvm 0.27.0.post1, apache-tvm-ffi 0.1.14.post1, torch 2.13.0)"
   "$PY" -m pip install -q -e ".[test]"
 fi

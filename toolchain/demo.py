@@ -46,7 +46,7 @@ def _stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, 
 
 def _make_model(out: Path, seed: int) -> dict[str, Any]:
     try:
-        from apq.toolchain.supernet.demo_model import export_demo_subnet
+        from apq.toolchain.supernet.deploy import export_demo_subnet
     except ImportError:
         export_demo_subnet = None
     if export_demo_subnet is not None:
