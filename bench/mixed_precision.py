@@ -14,7 +14,9 @@ Records: {model, precision, threads, apq_ms, ort_ms, speedup (= ort_ms / apq_ms)
 model also gets ``speedup_vs_ort_int8`` (ort on the all-int8 file / apq on the mixed file: the
 question "is apq's mixed model faster than what onnxruntime runs for an int8 model?") and
 ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled: what the bit-serial
-kernels themselves buy). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
+kernels themselves buy), ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the bit-serial build
+without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
+toolchain/layout.py). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ KERNEL_GROUPS: tuple[tuple[str, Any], ...] = (
     ("epilogue_with_transpose_ms", lambda n: n.startswith("fused_transpose")),  # NHWC->NCHW + requantize
     ("int8_conv_ms", lambda n: n.startswith("fused_conv2d") or n.startswith("fused_matmul")),
     ("vm_builtins_ms", lambda n: n.startswith("(")),
-    ("other_ms", lambda n: True),
+    ("other_ms", lambda n: True),  # with NHWC runs: mostly the bit-serial layers' epilogues (contiguous)
 )
 
 
@@ -170,6 +172,12 @@ def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False
             off = CompileOptions(bitserial=BitserialPolicy.disabled())
             int8_path, _, _ = time_apq(path, work / f"{path.stem}_int8path.apq", threads, cfg, off)
             rec["apq_int8_path_ms"] = round(int8_path.median_ms, 4)
+            # the same bit-serial kernels with the older layouts: transposes around every kernel
+            # (nhwc_runs off), NHWC runs but the int8 depthwise convs in NCHW (nhwc_depthwise off)
+            for key, pol in (("apq_transposing_ms", BitserialPolicy(nhwc_runs=False)),
+                             ("apq_nchw_depthwise_ms", BitserialPolicy(nhwc_depthwise=False))):
+                st, _, _ = time_apq(path, work / f"{path.stem}_{key}.apq", threads, cfg, CompileOptions(bitserial=pol))
+                rec[key] = round(st.median_ms, 4)
             if transposes:
                 rec["kernel_groups"] = kernel_groups(art, threads, cfg)
         records.append(rec)
@@ -199,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['precision']:<9} {r['threads']:>3} {r['apq_ms']:>8.3f} {r['ort_ms']:>8.3f} "
                   f"{r['speedup']:>8.2f} {r['bitserial_layers']:>4}/{r['layers']:<5}")
         mixed = records[-1]
-        print(f"mixed: apq {mixed['apq_ms']:.3f} ms (same file, bit-serial off: {mixed['apq_int8_path_ms']:.3f} ms); "
+        print(f"mixed: apq {mixed['apq_ms']:.3f} ms (same file, bit-serial off: {mixed['apq_int8_path_ms']:.3f} ms; "
+              f"transposes around every bit-serial kernel: {mixed['apq_transposing_ms']:.3f} ms; "
+              f"NCHW depthwise: {mixed['apq_nchw_depthwise_ms']:.3f} ms); "
               f"onnxruntime int8 model / apq mixed = {mixed['speedup_vs_ort_int8']}")
     return 0
 

@@ -4,7 +4,9 @@ Two levels: (1) single integer layers in a hand-built Relax module (pointwise wi
 shifted by the offset, strided 2-bit depthwise, padded 3x3 conv, dense) compared exactly, int32
 against int32, with the int8 kernels they replace; (2) a tiny mixed 2/4/8-bit StaticNet exported
 with apq's QDQ convention and compiled by apq-compile: manifest, bit-identical logits against the
-bit-serial-disabled build, parity with onnxruntime, and an ARM build run under qemu.
+bit-serial-disabled build, parity with onnxruntime, and an ARM build run under qemu. Plus the NHWC-run
+layout pass (toolchain/layout.py): exact on a hand-built epilogue chain, and on the real model it
+leaves only the permutes at the edges of the bit-serial run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from apq.toolchain.bitserial_lowering import (  # noqa: E402
     BitserialPolicy,
     OpRule,
     lower_bitserial,
+    name_bitserial_layers,
     plan_bitserial,
     read_decisions,
     supports_target,
@@ -31,6 +34,7 @@ from apq.toolchain.bitserial_lowering import (  # noqa: E402
 from apq.toolchain.compile import CompileOptions, compile_onnx  # noqa: E402
 from apq.toolchain.errors import InvalidInputError  # noqa: E402
 from apq.toolchain.layers import describe_layers  # noqa: E402
+from apq.toolchain.layout import TO_NCHW, TO_NHWC, sink_nhwc_permutes  # noqa: E402
 
 SHAPE = (1, 3, 16, 16)
 ALL_KINDS = BitserialPolicy(rules=[OpRule("pointwise", 4, 4), OpRule("conv", 4, 4), OpRule("depthwise", 2, 2),
@@ -201,6 +205,9 @@ def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx
             assert (lay["activation_bits"], lay["weight_bits"]) == (a, w) and max(a, w) <= 4
             assert lay["geometry"]["op"] in ("conv", "dwconv")
     assert bs.manifest["compile"]["options"]["bitserial"] == BitserialPolicy().to_json()
+    # the int8 depthwise convs run NHWC inside the bit-serial run, and keep their geometry
+    assert {lay["name"]: lay["geometry"]["op"] for lay in layers if "depthwise" in lay["name"]} == {
+        f"blocks.{i}.depthwise.weight_q": "dwconv" for i in range(3)}
 
     off = compile_onnx(mixed_onnx, "host", tmp_path / "i8.apq")  # host default: int8 kernels
     assert off.manifest["compile"]["options"]["bitserial"] is None
@@ -246,3 +253,88 @@ def test_decisions_are_recorded_on_the_module(mixed_onnx: Path) -> None:
     assert "padded" in by_layer["blocks.1.depthwise.weight_q"].reason or \
         "above" in by_layer["blocks.1.depthwise.weight_q"].reason
     assert by_layer["stem.weight_q"].reason.startswith("first/last")
+
+
+# --------------------------------------------------------------------------- NHWC runs (toolchain/layout.py)
+
+
+def _calls(mod: tvm.IRModule, op: str) -> list[relax.Call]:
+    return [b.value for blk in mod["main"].body.blocks for b in blk.bindings
+            if isinstance(b.value, relax.Call) and str(getattr(b.value.op, "name", "")) == op]
+
+
+def _permutes(mod: tvm.IRModule) -> int:
+    return len(_calls(mod, "relax.permute_dims"))
+
+
+def _epilogue_module(rng: np.random.Generator) -> tuple[tvm.IRModule, list[np.ndarray]]:
+    """An NHWC kernel's int32 output through lower_qdq's epilogue forms back into an NHWC kernel.
+
+    rescale by a (1, C, 1, 1) constant, bias via a reshaped constant, a residual add whose skip input
+    is NCHW, per-channel quantize (axis 1), the frontend's call_tir clip, an int8 depthwise conv, and
+    NCHW outputs that must still be materialised.
+    """
+    from tvm import topi
+
+    c = 8
+    y = relax.Var("y", relax.TensorType((1, 5, 5, c), "int32"))
+    skip = relax.Var("skip", relax.TensorType((1, c, 5, 5), "float32"))
+    scale = rng.uniform(0.01, 0.05, (1, c, 1, 1)).astype(np.float32)
+    bias = rng.uniform(-1, 1, (c,)).astype(np.float32)
+    zp = rng.integers(0, 3, (c,)).astype(np.uint8)
+    w_dw = rng.integers(-8, 8, (c, 1, 3, 3)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [y, skip]):
+        with bb.dataflow():
+            v = bb.emit(relax.op.permute_dims(y, list(TO_NCHW)))
+            f = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(v, "float32")), relax.const(scale)))
+            b = bb.emit(relax.op.reshape(relax.const(bias), (1, c, 1, 1)))
+            r = bb.emit(relax.op.add(skip, bb.emit(relax.op.add(f, b))))
+            q = bb.emit(relax.op.quantize(r, relax.const(0.05, "float32"), relax.const(zp), axis=1,
+                                          out_dtype="uint8"))
+            clipped = bb.emit_te(topi.minimum, q, relax.const(15, "uint8"))  # the frontend's Clip form
+            nxt = bb.emit(relax.op.permute_dims(clipped, list(TO_NHWC)))  # the next NHWC kernel's input
+            dw = bb.emit(relax.op.nn.conv2d(clipped, relax.const(w_dw), padding=1, groups=c, out_dtype="int32"))
+            gv = bb.emit_output(relax.Tuple([nxt, dw, r]))
+        bb.emit_func_output(gv)
+    inputs = [rng.integers(-400, 400, (1, 5, 5, c)).astype(np.int32),
+              rng.uniform(-3, 3, (1, c, 5, 5)).astype(np.float32)]
+    return bb.get(), inputs
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_layout_pass_sinks_permutes_and_is_exact(depthwise: bool) -> None:
+    mod, inputs = _epilogue_module(np.random.default_rng(3))
+    new, stats = sink_nhwc_permutes(mod, depthwise=depthwise)
+    assert stats.cancelled == 1 and stats.operand_permutes == 1  # skip input permuted once
+    assert stats.converted["relax.quantize"] == 1 and stats.converted["clip(call_tir)"] == 1
+    assert stats.converted["relax.add"] == 2 and stats.converted["relax.multiply"] == 1
+    assert stats.converted.get("relax.nn.conv2d", 0) == int(depthwise)
+    # left: skip -> NHWC, r -> NCHW (an output), and the depthwise conv's input or output -> NCHW
+    assert _permutes(mod) == 2 and _permutes(new) == 3
+    assert [str(c.attrs.data_layout) for c in _calls(new, "relax.nn.conv2d")] == ["NHWC" if depthwise else "NCHW"]
+    want, got = _run(mod, inputs), _run(new, inputs)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and w.shape == g.shape and np.abs(w).max() > 0
+        np.testing.assert_array_equal(g, w)
+
+
+def test_mixed_model_bitserial_run_has_permutes_only_at_its_edges(mixed_onnx: Path) -> None:
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+    from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
+
+    model = load_onnx(mixed_onnx)
+    mod = lower_qdq(import_to_relax(model, resolve_input_specs(model, {})), read_bits_hint(model))
+    host = get_target("host")
+    old = lower_bitserial(mod, host, BitserialPolicy(nhwc_runs=False))
+    pointwise_only = lower_bitserial(mod, host, BitserialPolicy(nhwc_depthwise=False))
+    full = lower_bitserial(mod, host, BitserialPolicy())
+    assert _permutes(mod) == 0  # lower_bitserial left its input alone
+    assert not any(str(c.args[0].name_hint).startswith("bitserial") for c in _calls(mod, "relax.call_tir"))
+    assert _permutes(old) == 2 * 7  # in and out of each of the 7 bit-serial layers (EXPECTED)
+    # into the run (after the stem), the stem's output as the first residual's skip, out to the
+    # head; with NCHW depthwise convs also into and out of each of the two int8 depthwise convs
+    assert _permutes(full) == 3 and _permutes(pointwise_only) == 3 + 2 * 2
+    for lowered in (old, pointwise_only, full):  # every variant still names and sizes all 12 layers
+        recs = name_bitserial_layers(describe_layers(lowered), lowered)
+        assert [r.name for r in recs] == list(EXPECTED) and all(r.geometry for r in recs)

@@ -21,15 +21,18 @@ proven first is that every operand fits the kernel:
   mode (signed two's complement, then bipolar for apq's binary {-1, +1} weights) that represents
   every value.
 
-Layout: the kernels are NHWC; each bit-serial layer gets a ``permute_dims`` on its uint8 input
-and on its int32 output. This is NOT free (bench/mixed_precision.py --transposes, 1 thread, this
-host): FuseOps folds the output transpose into the requantize epilogue, but that epilogue is then
-a kernel of its own reading int32 with a transposed pattern (the int8 path fuses it into the conv
-for free), and the input transpose cannot join an int8 conv's fused group, so after an int8
-depthwise it runs standalone. At 32 px these cost more than the bit-serial kernels save (0.24 ms
-vs 0.16 ms of bit-serial compute in a 0.67 ms MobileNetV2-style net). Keeping runs of bit-serial
-layers in NHWC (sinking the permutes through the elementwise epilogue / residual adds) is the
-fix; an in-kernel NCHW output (transposing write-back) was measured and is slower still.
+Layout: the kernels are NHWC; each bit-serial layer is emitted with a ``permute_dims`` on its
+uint8 input and on its int32 output, and then (``BitserialPolicy.nhwc_runs``, default on)
+:func:`apq.toolchain.layout.sink_nhwc_permutes` sinks the output permutes through the requantize
+epilogue / ReLU6 / residual adds and cancels them against the next layer's input permute, and
+(``nhwc_depthwise``) runs the int8 depthwise conv between two bit-serial pointwise convs as an NHWC
+conv, so a run of blocks is NHWC end to end with permutes only at its edges. Why: with a permute
+pair per kernel, FuseOps folds the output permute into the requantize epilogue, which then reads
+int32 with a transposed pattern, and the input permute after an int8 conv runs standalone
+(bench/mixed_precision.py, 32 px, 1 thread, this host: 0.63 ms with permutes vs 0.41 ms with NHWC
+runs; int8 kernels for the same file 0.36 ms). What still costs: the epilogue is a kernel of its
+own after each bit-serial call (the kernels are opaque to FuseOps; marking them fusable makes
+FuseTIR reject the scheduled PrimFunc), where the int8 path fuses it into the conv.
 
 Which layers go bit-serial is a :class:`BitserialPolicy` (JSON round-trip, saved in the
 artifact's compile options): per op kind the largest (activation, weight) bits. The defaults
@@ -66,6 +69,8 @@ WEIGHT_BITS_FUNC_ATTR = "apq.weight_bits"
 ACT_BITS_FUNC_ATTR = "apq.activation_bits"
 #: Module attribute holding lower_bitserial's decisions (JSON list of LayerDecision).
 DECISIONS_ATTR = "apq_bitserial"
+#: Module attribute: geometry of the convs the NHWC pass relaid out, in program order (JSON list).
+NHWC_CONVS_ATTR = "apq_nhwc_convs"
 
 
 # --------------------------------------------------------------------------- policy
@@ -101,12 +106,17 @@ class BitserialPolicy:
     ``rules``: per op kind, the largest bits admitted (a kind without a rule stays int8).
     ``keep_first_last``: the first and the last compute layer stay int8 whatever their bits.
     ``signed_offset``: allow signed inputs of unpadded layers via the exact offset shift.
+    ``nhwc_runs``: keep runs of bit-serial layers and the elementwise ops between them in NHWC
+    (:func:`apq.toolchain.layout.sink_nhwc_permutes`) instead of transposing around every kernel.
+    ``nhwc_depthwise``: also run int8 depthwise convs inside such a run as NHWC convs.
     """
 
     enabled: bool = True
     rules: list[OpRule] = field(default_factory=_default_rules)
     keep_first_last: bool = True
     signed_offset: bool = True
+    nhwc_runs: bool = True
+    nhwc_depthwise: bool = True
 
     def rule(self, op: str) -> OpRule | None:
         return next((r for r in self.rules if r.op == op), None)
@@ -467,6 +477,9 @@ def lower_bitserial(mod: Any, target_spec: Any, policy: BitserialPolicy | None =
     chosen = [d for d in decisions if d.bitserial]
     if not chosen:
         return mod.with_attr(DECISIONS_ATTR, json.dumps([d.to_json() for d in decisions]))
+    import tvm
+
+    # a copy: the mutator's builder adds the kernels to (and we then overwrite main of) its module
     func = mod[func_name]
     by_index = {d.index: d for d in chosen}
 
@@ -486,7 +499,7 @@ def lower_bitserial(mod: Any, target_spec: Any, policy: BitserialPolicy | None =
                 return new
             return EMITTERS[d.op](self.builder_, call, new.args[0], d, target_spec)
 
-    rewriter = _Rewriter(mod)
+    rewriter = _Rewriter(tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
     new_func = rewriter.visit_expr(func)
     out = rewriter.builder_.get()
     out[func_name] = new_func
@@ -494,6 +507,13 @@ def lower_bitserial(mod: Any, target_spec: Any, policy: BitserialPolicy | None =
     if mod.attrs is not None:
         for key in mod.attrs.keys():
             out = out.with_attr(str(key), mod.attrs[key])
+    if policy.nhwc_runs:  # after the attrs: it re-keys lower_qdq's weight tables
+        from apq.toolchain.layout import sink_nhwc_permutes
+
+        out, stats = sink_nhwc_permutes(out, func_name, depthwise=policy.nhwc_depthwise)
+        # a JSON object, never a short string: tvm-ffi stores <= 7-byte strings inline ("[]"), which
+        # IRModule.get_attr cannot return
+        out = out.with_attr(NHWC_CONVS_ATTR, json.dumps({"geometry": [c["geometry"] for c in stats.convs]}))
     return out.with_attr(DECISIONS_ATTR, json.dumps([d.to_json() for d in decisions]))
 
 
@@ -512,6 +532,8 @@ def name_bitserial_layers(records: list[LayerRecord], mod: Any) -> list[LayerRec
     bit-serial decision.
     """
     chosen = iter([d for d in read_decisions(mod) if d.bitserial])
+    raw = mod.get_attr(NHWC_CONVS_ATTR) if mod.attrs is not None else None
+    nhwc = iter(json.loads(str(raw))["geometry"] if raw is not None else [])
     out = []
     for rec in records:
         if rec.kernel.startswith("bitserial"):
@@ -519,5 +541,8 @@ def name_bitserial_layers(records: list[LayerRecord], mod: Any) -> list[LayerRec
             if d is not None:
                 rec = dataclasses.replace(rec, name=d.layer or rec.name, kernel=d.kernel_family,
                                           geometry=d.geometry)
+        elif rec.kernel.startswith("conv2d") and rec.geometry is None:
+            # an NHWC conv of the layout pass: describe_layers reads NCHW geometry only
+            rec = dataclasses.replace(rec, geometry=next(nhwc, None))
         out.append(rec)
     return out
