@@ -202,6 +202,7 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     sch.transform_layout(acc, ("write", 0), flat_pixels)
     sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
     n, f, pix, rc, ry, rx = sch.get_loops(acc)
+    n_ic = int(sch.get(rc).extent)
     n_vec = pixel_vectors(npix, width)
     oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
     fo, fi = sch.split(f, [None, oc_t])
@@ -209,7 +210,7 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     rco, rci = sch.split(rc, [None, K_GROUP])
     sch.reorder(n, fo, po, rco, ry, rx, fi, pv, pl, rci)
     outer = sch.fuse(n, fo, po)
-    work = geo["oc"] * npix
+    work = geo["oc"] * npix * n_ic  # multiply-adds
     if cfg.num_cores > 1 and int(sch.get(outer).extent) > 1 and work >= cfg.min_parallel_work:
         sch.parallel(outer)
     done = {sch.get(acc).name_hint, sch.get(pack).name_hint, _tile_consumer(sch, func, acc, outer, LANES)}

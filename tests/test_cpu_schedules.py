@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -111,7 +112,9 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
     mod, _, spec = _relax_module(mbv2_qdq)
     target = spec.tvm()
     fused = _fused(mod, target)
-    cfg = CpuScheduleConfig.for_target(target)
+    # parallel loops are only emitted above min_parallel_work (a parallel region costs even at
+    # 1 thread, see CpuScheduleConfig); lower it so this small model's conv must get one
+    cfg = dataclasses.replace(CpuScheduleConfig.for_target(target), min_parallel_work=1)
     # the biggest integer conv (most MACs) gives a stable timing
     name, func = max(((gv.name_hint, f) for gv, f in fused.functions_items()
                       if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint),
@@ -140,6 +143,71 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
         times[label] = best
     np.testing.assert_array_equal(outs["apq"], outs["naive"])
     assert times["apq"] * 2 < times["naive"], (name, times)
+
+
+def _depthwise_module(channels: int, hw: int, stride: int, dtype: str):
+    """A bare padded 3x3 depthwise conv (float32, or uint8 x int8 -> int32) as Relax."""
+    from tvm import relax
+
+    rng = np.random.default_rng(channels + hw + stride)
+    if dtype == "float32":
+        w = rng.standard_normal((channels, 1, 3, 3)).astype("float32")
+        x_ty, out = "float32", "float32"
+    else:
+        w = rng.integers(-128, 128, (channels, 1, 3, 3)).astype("int8")
+        x_ty, out = "uint8", "int32"
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, channels, hw, hw], x_ty))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=1, groups=channels,
+                                           out_dtype=out))
+            y = bb.emit_output(y)
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_small_convs_get_no_parallel_region_and_a_vector_padding_fill(dtype):
+    """Below min_parallel_work no T.parallel (it costs even at 1 thread); the padding fill of a
+    34-wide row is vectorized (it used to be a scalar loop) and outputs stay exact."""
+    from tvm import s_tir
+
+    from apq.kernels.cpu_schedules import Conv2dNCHWRule, CpuScheduleConfig
+    from apq.targets.registry import get_target
+
+    target = get_target("host").tvm()
+    cfg = CpuScheduleConfig.for_target(target)
+    mod = _depthwise_module(32, 32, 1, dtype)
+    fused = _fused(mod, target)
+    (func,) = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = s_tir.Schedule(func)
+    assert Conv2dNCHWRule(cfg).schedule(sch, func, cfg)
+    script = sch.mod["main"].script()
+    assert "T.parallel" not in script  # 32*32*32*9 multiply-adds < 2**21
+    fill = script[script.index('T.sblock("pad_temp_pad_const")') - 200:script.index('T.sblock("pad_temp_pad_const")')]
+    assert "T.vectorized(T.int64(34))" in fill, fill
+    # a big conv still gets its parallel region (multi-core targets)
+    big = dataclasses.replace(cfg, num_cores=2, min_parallel_work=1 << 16)
+    sch = s_tir.Schedule(func)
+    assert Conv2dNCHWRule(big).schedule(sch, func, big)
+    assert "T.parallel" in sch.mod["main"].script()
+
+
+@pytest.mark.parametrize("dtype,stride", [("float32", 1), ("float32", 2), ("uint8", 1), ("uint8", 2)])
+def test_depthwise_scheduled_matches_unscheduled(dtype, stride):
+    from apq.targets.registry import get_target
+
+    target = get_target("host").tvm()
+    mod = _depthwise_module(16, 12, stride, dtype)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((1, 16, 12, 12)).astype("float32") if dtype == "float32"
+         else rng.integers(0, 256, (1, 16, 12, 12)).astype("uint8"))
+    fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
+    if dtype == "float32":
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(fast, slow)
 
 
 # --------------------------------------------------------------------------- whole models
