@@ -14,6 +14,10 @@ def test_demo_runs_verifies_and_resumes(tmp_path):
     assert rep["profile_host"]["e2e"]["source"] == "measured" and rep["profile_host"]["e2e"]["median_ms"] > 0
     layers = rep["layers"]
     assert layers and all(lay["weight_bits"] <= 8 and lay["activation_bits"] <= 8 for lay in layers)
+    if rep["model"].get("bits") == "W4A4":  # the supernet subnet: every block layer is 4-bit, also
+        # the signed inputs of pointwise convs that lower_qdq re-biases to uint8 for VNNI
+        blocks = [lay for lay in layers if lay["weight_bits"] == 4]
+        assert len(blocks) >= 12 and all(lay["activation_bits"] == 4 for lay in blocks), layers
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["model"] == rep["model"]
     # Interrupted or finished: a rerun reuses every stage record instead of recomputing it.

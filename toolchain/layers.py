@@ -193,6 +193,11 @@ def _activation_bits(producers: _Producers, data: Any) -> int:
         return dtype_bits
     lo, hi = float(info.min), float(info.max)
     expr = producers.through(data, _PASS_THROUGH)
+    unbiased = _through_rebias(producers, expr)
+    if unbiased is not None:  # a shift by a constant keeps the number of levels: read the source's
+        expr = producers.through(unbiased, _PASS_THROUGH)
+        src = np.iinfo(np.dtype(_dtype(unbiased))) if _dtype(unbiased) in ("int8", "uint8") else info
+        lo, hi = float(src.min), float(src.max)
     for _ in range(8):
         step = _clip_step(producers(expr))
         if step is None:
@@ -202,6 +207,25 @@ def _activation_bits(producers: _Producers, data: Any) -> int:
         hi = min(hi, step_hi) if step_hi is not None else hi
         expr = producers.through(expr, _PASS_THROUGH)
     return min(dtype_bits, range_bits(int(lo), int(hi)))
+
+
+def _bound_or_self(producers: _Producers, expr: Any) -> Any:
+    val = producers(expr)
+    return expr if val is None else val
+
+
+def _through_rebias(producers: _Producers, expr: Any) -> Any | None:
+    """x in ``astype(astype(x, int16) + c, uint8)`` (lower_qdq's exact int8 -> uint8 re-bias), else None."""
+    outer = producers(expr)
+    if outer is None or _op_name(outer) != "relax.astype":
+        return None
+    add = _bound_or_self(producers, outer.args[0])
+    if _op_name(add) != "relax.add" or _scalar(add.args[1]) is None:
+        return None
+    inner = _bound_or_self(producers, add.args[0])
+    if _op_name(inner) != "relax.astype":
+        return None
+    return inner.args[0]
 
 
 def _is_dequantized(producers: _Producers, expr: Any) -> bool:
