@@ -92,7 +92,10 @@ class SubnetEvaluator:
 
     def prepare(self, cfg: SubnetConfig) -> StaticNet:
         """Extract ``cfg`` and re-calibrate it (BN statistics; clips if enabled)."""
-        self.space.validate(cfg)
+        try:
+            self.space.validate(cfg)
+        except ValueError as e:  # a user-given config/bit policy outside the space: one-line error
+            raise InvalidInputError(f"subnet {cfg.to_string()} is not in the search space: {e}") from None
         net = self.net.extract(cfg)
         if self.calibrate_act_clips and any(b is not None for blk in cfg.blocks for b in blk.bits):
             calibrate_clips(net, None, torch.cat(list(self._calib_iter())[:2]))
