@@ -58,6 +58,11 @@ class CpuScheduleConfig:
     32 px, 1 thread: the convs' kernel time dropped ~20% without parallel loops below it.
     ``int8_dot``: the 4-way int8 dot-product instruction family the integer conv may be
     tensorized with (a key of :data:`INT8_DOT_CONV`, e.g. ``"avx512vnni"``; "" = none).
+    ``max_row_tile``: most output rows per register tile of a KxK conv, and
+    ``max_unrolled_taps``: the largest ``kh * kw`` whose taps are unrolled for that
+    (see :meth:`Conv2dNCHWRule._row_tile`; ``max_row_tile=1`` gives one-row tiles).
+    ``per_channel_padding``: depthwise convs pad their input per channel block instead of
+    in one whole-tensor copy (see :meth:`Conv2dNCHWRule._per_channel_padding`).
     """
 
     vector_bits: int = 128
@@ -66,6 +71,9 @@ class CpuScheduleConfig:
     max_oc_tile: int = 8
     min_parallel_work: int = 1 << 21
     int8_dot: str = ""
+    max_row_tile: int = 4
+    max_unrolled_taps: int = 9
+    per_channel_padding: bool = True
 
     def lanes(self, dtype_bits: int) -> int:
         """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""
@@ -198,16 +206,17 @@ def inline_elementwise(sch: Any, func: Any, keep: Iterable[Any] = (), keep_paddi
                 break
 
 
-def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
+def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 0) -> None:
     """Parallel outer / vectorized inner loops for a purely spatial (elementwise) block.
 
     Only the innermost loop is vectorized (split by the SIMD width when it divides): fusing
     all loops first would turn every index into div/mod of the fused counter, which LLVM
     cannot turn into contiguous vector loads (a padded copy ran 2-4x slower than scalar code).
     Blocks with ``if_then_else`` (padding) keep a scalar inner loop: TVM scalarizes a
-    vectorized loop whose condition differs between lanes anyway.
+    vectorized loop whose condition differs between lanes anyway. ``depth``: outer loops
+    that are not the block's own (it was computed at a tile loop): left alone, no parallel.
     """
-    loops = sch.get_loops(block)
+    loops = sch.get_loops(block)[depth:]
     if not loops:
         return
     if _has_if_then_else(sch, block) and _can_decompose_padding(sch, block, loops[0]):
@@ -216,8 +225,8 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
         except Exception:
             fill = None
         if fill is not None and not _has_if_then_else(sch, block):
-            schedule_fill(sch, fill, cfg)
-            schedule_spatial(sch, block, cfg)
+            schedule_fill(sch, fill, cfg, depth)
+            schedule_spatial(sch, block, cfg, depth)
             return
     lanes = cfg.lanes(_dtype_bits(sch, block))
     inner = loops[-1]
@@ -232,7 +241,7 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
             sch.vectorize(vec)
         elif ext < lanes and ext > 1:
             sch.vectorize(inner)
-    if not outer_loops:
+    if not outer_loops or depth:
         return
     outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
     total = 1
@@ -242,7 +251,7 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
         sch.parallel(outer)
 
 
-def schedule_fill(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
+def schedule_fill(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 0) -> None:
     """A constant fill (the border of a padded copy): vectorize whole rows.
 
     Why not :func:`schedule_spatial`: a padded row (e.g. 34 floats) is no multiple of the
@@ -251,9 +260,9 @@ def schedule_fill(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
     one flat loop: TVM cannot simplify the div/mod of a fused vector index back to a linear
     address and scalarizes the stores (measured: a 32x32 uint8 fill 4x slower).
     """
-    loops = sch.get_loops(block)
+    loops = sch.get_loops(block)[depth:]
     if len(loops) != len(sch.get(block).iter_vars) or len(sch.get(block).reads) != 0:
-        schedule_spatial(sch, block, cfg)
+        schedule_spatial(sch, block, cfg, depth)
         return
     inner = loops[-1]
     ext = _int_extent(sch, inner)
@@ -342,7 +351,7 @@ def _conv_geometry(sch: Any, conv: Any) -> dict[str, int] | None:
         coeff = arith.detect_linear_equation(idx[3], [v_x])
         if len(coeff) == 2 and any(v_rx.same_as(v) for v in _vars(idx[3])):
             return {"kh": exts[5], "kw": exts[6], "stride_w": int(coeff[0]), "ow": exts[3], "oh": exts[2],
-                    "oc": exts[1]}
+                    "oc": exts[1], "ic": exts[4]}
     return None
 
 
@@ -375,6 +384,27 @@ def _tile_consumer(sch: Any, func: Any, acc: Any, at_loop: Any, lanes: int) -> s
     return name
 
 
+def flatten_pixels(sch: Any, acc: Any, width: int) -> None:
+    """Give a pointwise conv's accumulator and its one consumer a flat ``H*W`` pixel axis.
+
+    Why: with (y, x) iteration a pixel tile must be whole rows or divide a row, or the
+    epilogue, computed per tile over a (y, x) rectangle, reads accumulators of the next
+    tile. Rows of 56, 28 or 14 pixels divide by no SIMD multiple, so tiles fell to 1 pixel
+    or to partial vectors. With the accumulator stored as ``[N, C, H*W]`` and the epilogue
+    iterating ``(n, c, h*W + w)``, any divisor of ``H*W`` is a valid tile (3136 and 784
+    pixels are whole 16-float vectors). Image buffers keep NCHW: their index
+    ``(p // W) * W + p % W`` simplifies back to ``p`` when buffers are flattened.
+    Raises (ValueError, TVM ScheduleError) when the consumer is not a plain 4-D elementwise block.
+    """
+    consumers = sch.get_consumers(acc)
+    if len(consumers) != 1 or len(sch.get(consumers[0]).iter_vars) != 4:
+        raise ValueError("pointwise conv without a single 4-D consumer")
+    epi = consumers[0]
+    sch.transform_layout(acc, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
+    sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
+    sch.transform_block_layout(epi, lambda n, c, h, w: (n, c, h * width + w))
+
+
 class Conv2dNCHWRule(_LazyRule):
     """Register-tiled NCHW conv2d (regular, depthwise, pointwise) with its fused epilogue.
 
@@ -404,29 +434,94 @@ class Conv2dNCHWRule(_LazyRule):
         acc = self._accumulator(sch, func, conv)
         n, f, y, x, rc, ry, rx = sch.get_loops(acc)
         pointwise = geo["kh"] == 1 and geo["kw"] == 1 and geo["stride_w"] == 1
-        if pointwise:
-            pix = sch.fuse(y, x)
-            npix = geo["oh"] * geo["ow"]
-            rows: list[Any] = []
+        row: int | None = None
+        if pointwise and _try(flatten_pixels, sch.copy(), acc, geo["ow"]):
+            flatten_pixels(sch, acc, geo["ow"])  # tiles may now cross rows: no row constraint
+            n, f, pix, rc, ry, rx = sch.get_loops(acc)
+            npix, rows = geo["oh"] * geo["ow"], []
+        elif pointwise:
+            pix, npix, rows, row = sch.fuse(y, x), geo["oh"] * geo["ow"], [], geo["ow"]
         else:
             pix, npix, rows = x, geo["ow"], [y]
-        w_t = self._pixel_tile(npix, lanes, geo["ow"] if pointwise else None)
-        n_vec = max(1, w_t // lanes)
-        oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
+        w_t = self._pixel_tile(npix, lanes, row)
+        n_vec = max(1, -(-w_t // lanes))  # a partial vector still takes a register
+        y_t = self._row_tile(geo, cfg) if rows else 1
+        oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // (n_vec * y_t))))
         fo, fi = sch.split(f, [None, oc_t])
         po, pi = sch.split(pix, [None, w_t])
-        sch.reorder(n, fo, *rows, po, rc, ry, rx, fi, pi)
-        outer = sch.fuse(n, fo, *rows, po)
-        work = _block_iterations(sch, acc)
-        if cfg.num_cores > 1 and _int_extent(sch, outer) > 1 and work >= cfg.min_parallel_work:
-            sch.parallel(outer)
+        tile_rows: list[Any] = []
+        if y_t > 1:
+            rows[0], yi = sch.split(rows[0], [None, y_t])
+            tile_rows = [yi]
+        sch.reorder(n, fo, *rows, po, rc, ry, rx, fi, *tile_rows, pi)
+        pad = self._per_channel_padding(sch, acc, geo, cfg) if rows else None
+        done: set[str | None] = set()
+        if pad is not None:
+            # channel blocks outside (parallel), the padding computed per block: see
+            # _per_channel_padding for why
+            chans = sch.fuse(n, fo)
+            outer = sch.fuse(*rows, po)
+            work = _block_iterations(sch, acc)
+            if cfg.num_cores > 1 and _int_extent(sch, chans) > 1 and work >= cfg.min_parallel_work:
+                sch.parallel(chans)
+            for block in pad:
+                done.add(sch.get(block).name_hint)
+                sch.compute_at(block, chans, preserve_unit_loops=True)
+            for block in reversed(pad):
+                (schedule_fill if not sch.get(block).reads else schedule_spatial)(sch, block, cfg, depth=1)
+        else:
+            outer = sch.fuse(n, fo, *rows, po)
+            work = _block_iterations(sch, acc)
+            if cfg.num_cores > 1 and _int_extent(sch, outer) > 1 and work >= cfg.min_parallel_work:
+                sch.parallel(outer)
+        if y_t > 1:  # all taps x rows unrolled: LLVM reuses each loaded input row for kh outputs
+            sch.unroll(ry)
+            sch.unroll(rx)
+            sch.unroll(tile_rows[0])
         sch.unroll(fi)
         sch.vectorize(pi)
-        done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
+        done |= {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
         init = sch.decompose_reduction(acc, rc)
         sch.vectorize(sch.get_loops(init)[-1])
         self._schedule_rest(sch, cfg, done)
         return True
+
+    @staticmethod
+    def _per_channel_padding(sch: Any, acc: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> list[Any] | None:
+        """The padding block(s) of a depthwise conv, in compute_at order, when they are worth
+        computing per channel block (a padded copy, or a fill + interior copy).
+
+        Why: at the root, the padded copy of a 112x112x32 float input is 1.7 MB, written in
+        full and read back by the conv: the depthwise convs of MobileNetV2 at 224 px ran
+        at a fraction of the speed of the same conv on a pre-padded input. A depthwise
+        conv's channel block reads only its own input channels, so the copy can be made
+        per block (``oc_t`` padded planes, cache-resident) right before the block's rows.
+        Regular convs read every input channel per block: their padding stays at the root.
+        """
+        if geo["ic"] != 1 or not cfg.per_channel_padding:
+            return None
+        prods = sch.get_producers(acc)
+        if not prods or any(len(sch.get_loops(p)) != len(sch.get(p).iter_vars) for p in prods):
+            return None
+        pads = [p for p in prods if _has_if_then_else(sch, p)]
+        if len(prods) == 1 and len(pads) == 1:
+            return pads  # one padding block (decomposed under the channel loop later)
+        return None
+
+    @staticmethod
+    def _row_tile(geo: dict[str, int], cfg: CpuScheduleConfig) -> int:
+        """Output rows per register tile of a regular KxK conv (1 = one-row tiles).
+
+        Why: with ``y_t`` rows and the taps unrolled, an input row serves up to ``kh``
+        output rows (LLVM merges the identical loads): ``y_t + kh - 1`` row loads per
+        ``y_t * kh`` FMAs per tap column. Measured at 224 px, 1 thread: the 3->32 stem
+        conv 0.36 -> 0.32 ms (float), 0.67 -> 0.50 ms (int8). Not for depthwise convs
+        (one input channel per output channel): there the same tiling measured no better
+        within noise and the 14x14 ones slower (0.06 -> 0.08-0.09 ms), so they keep one row.
+        """
+        if geo["kh"] <= 1 or geo["ic"] <= 1 or geo["kh"] * geo["kw"] > cfg.max_unrolled_taps:
+            return 1
+        return _largest_divisor(geo["oh"], cfg.max_row_tile)
 
     @staticmethod
     def _schedule_int8_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> bool:
@@ -455,15 +550,33 @@ class Conv2dNCHWRule(_LazyRule):
         the conv reads ``pad[.., rx % s, x + rx // s]``: contiguous in x. The strided access
         moves into the padding copy, once per input element instead of once per tap.
         """
+        layout = lambda n, c, h, w: (n, c, h, w % stride, w // stride)  # noqa: E731
         for prod in sch.get_producers(conv):
             buf = sch.get(prod).writes[0].source
             width = int(buf.shape[-1])
             if len(buf.shape) == 4 and width % stride == 0 and _has_if_then_else(sch, prod):
-                layout = lambda n, c, h, w: (n, c, h, w % stride, w // stride)  # noqa: E731
+                # (tried: fill + branch-free copy at the root: slower, 0.36 -> 0.61 ms at
+                # 112 px, than this branchy copy computed per channel block, which fill +
+                # copy cannot be: compute_at refuses a buffer with two writers)
                 if _try(sch.transform_layout, prod, ("write", 0), layout):
                     # iterate the copy in the new layout too: contiguous writes, strided reads
                     _try(sch.transform_block_layout, prod, layout)
                 return
+        # No padding block here: the input arrives already padded (e.g. the int8 stem, whose
+        # zero-point padding the QDQ lowering does at the Relax level). Deinterleave a copy.
+        block = sch.get(conv)
+        params = list(sch.mod["main"].params)
+        v_x = block.iter_vars[3].var
+        for i, region in enumerate(block.reads):
+            buf = region.source
+            if len(buf.shape) != 4 or int(buf.shape[-1]) % stride or not any(buf.same_as(p) for p in params):
+                continue
+            if not any(v_x.same_as(v) for v in _vars(region.region[3].min)):
+                continue  # not indexed by the output column: the weight
+            copy = sch.cache_read(conv, i, "global")
+            sch.transform_layout(copy, ("write", 0), layout)
+            sch.transform_block_layout(copy, layout)
+            return
 
     @staticmethod
     def _accumulator(sch: Any, func: Any, conv: Any) -> Any:
@@ -475,18 +588,32 @@ class Conv2dNCHWRule(_LazyRule):
         return conv
 
     @staticmethod
-    def _pixel_tile(npix: int, lanes: int, row: int | None) -> int:
-        """Output positions per tile: 2 or 1 SIMD vectors if they divide, else the whole axis.
+    def _pixel_tile(npix: int, lanes: int, row: int | None, max_vectors: int = 4) -> int:
+        """Output positions per tile: the candidate that fills SIMD lanes best.
 
-        For the fused H*W axis the tile must be a whole number of rows or divide a row, so
-        that the epilogue's region per tile stays a rectangle.
+        Candidates divide the pixel axis; for the fused H*W axis of a pointwise conv (``row``
+        given) they must also be a whole number of rows or divide a row, so that the
+        epilogue's region per tile stays a rectangle. A tile need not be a multiple of the
+        SIMD width: up to one register (LLVM widens a ``<14 x float>`` to one zmm). Longer
+        tiles must be whole registers: LLVM 22 legalizes a ``<28 x float>`` accumulator
+        through the stack, lane by lane (measured: a 32->128 pointwise conv at 28x28 took
+        2.2 ms with 28-pixel tiles, 0.5 ms with 14, 0.12 ms with flat 16-pixel tiles).
+        Why not "a multiple of the width or 1 pixel" (the old rule): 56- and 28-pixel rows
+        divide by no vector multiple, and the 1-pixel scalar tile made a 24->96 pointwise
+        conv at 56x56 take 2.3 ms. Ranking: lane utilisation ``tile / (vectors * lanes)``,
+        then 2 vectors (each input/weight load feeds two FMAs), then fewer vectors (more
+        registers left for output channels).
         """
-        for cand in (2 * lanes, lanes):
-            if npix % cand == 0 and (row is None or cand % row == 0 or row % cand == 0):
-                return cand
-        if npix <= 2 * lanes:
-            return npix
-        return _largest_divisor(npix, lanes) if row is None else (row if row <= 2 * lanes else 1)
+        cap = max(1, max_vectors * lanes)
+        cands = {t for t in range(1, min(npix, cap) + 1) if npix % t == 0 and (t <= lanes or t % lanes == 0)}
+        if row is not None:
+            cands = {t for t in cands if row % t == 0 or t % row == 0}
+
+        def rank(t: int) -> tuple[float, int, int]:
+            n_vec = -(-t // lanes)
+            return (t / (n_vec * lanes), n_vec == 2, -n_vec)
+
+        return max(cands, key=rank)
 
     @staticmethod
     def _schedule_rest(sch: Any, cfg: CpuScheduleConfig, done: set[str | None]) -> None:

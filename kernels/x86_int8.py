@@ -24,7 +24,7 @@ C*H*W*OC multiply-adds in the conv).
 Scope (everything else keeps the LLVM-vectorized path of :mod:`apq.kernels.cpu_schedules`):
 stride-1 pointwise convs, ``groups == 1``, uint8 activations, int8 weights, int32
 accumulation, input channels a multiple of 4, and H*W splittable into tiles of whole
-16-pixel vectors that are whole rows or divide a row (:func:`pixel_vectors`). Not covered:
+16-pixel vectors (:func:`pixel_vectors`; 14x14 and 7x7 images are not: 196 and 49 pixels). Not covered:
 signed int8 activations (exact via ``x + 128`` as uint8 and a ``-128 * sum(W)`` correction,
 but that changes the computation, which a schedule cannot do: it belongs in the Relax-level
 QDQ lowering), KxK / strided convs (their weights would need a per-call repack, or a
@@ -133,7 +133,8 @@ def vnni_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
     # a stride-1 pointwise conv reads exactly the output grid (no padding border)
     if x_shape[2] != geo["oh"] or x_shape[3] != geo["ow"]:
         return False
-    return n_ic % K_GROUP == 0 and pixel_vectors(geo["oh"] * geo["ow"], geo["ow"]) is not None
+    # the row constraint is checked by the schedule, which knows whether the epilogue flattens
+    return n_ic % K_GROUP == 0 and pixel_vectors(geo["oh"] * geo["ow"]) is not None
 
 
 #: Pixel vectors per register tile, in order of preference (2 amortizes each weight
@@ -141,17 +142,19 @@ def vnni_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
 _PIXEL_VECTOR_CHOICES = (2, 1, 4, 3, 5, 6)
 
 
-def pixel_vectors(npix: int, row: int) -> int | None:
+def pixel_vectors(npix: int, row: int | None = None) -> int | None:
     """Vectors of 16 pixels per tile, or None if no tile of whole vectors fits the image.
 
-    The tile must divide the H*W pixels and be a whole number of rows or divide a row:
-    the fused epilogue is computed per tile over a rectangle of (y, x), so a tile that
-    ended mid-row would make the epilogue read accumulators of the next tile (measured:
-    silently wrong outputs on a 12x12 image with 16-pixel tiles).
+    The tile must divide the H*W pixels. With ``row`` given it must also be a whole number
+    of rows or divide a row: an epilogue computed per tile over a rectangle of (y, x) would
+    otherwise read accumulators of the next tile (measured: silently wrong outputs on a
+    12x12 image with 16-pixel tiles). ``row=None`` is for an epilogue iterating the flat
+    H*W axis (:func:`apq.kernels.cpu_schedules.flatten_pixels`), where any divisor is fine:
+    that is what lets 56x56 and 28x28 images (rows of 3.5 and 1.75 vectors) use VNNI.
     """
     for n_vec in _PIXEL_VECTOR_CHOICES:
         tile = n_vec * LANES
-        if npix % tile == 0 and (tile % row == 0 or row % tile == 0):
+        if npix % tile == 0 and (row is None or tile % row == 0 or row % tile == 0):
             return n_vec
     return None
 
@@ -188,7 +191,7 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     Expects ``conv`` already inlined (see :func:`vnni_conv_applicable`); returns True when
     the function is fully scheduled.
     """
-    from apq.kernels.cpu_schedules import Conv2dNCHWRule, _largest_divisor, _tile_consumer
+    from apq.kernels.cpu_schedules import Conv2dNCHWRule, _largest_divisor, _tile_consumer, flatten_pixels
 
     data_i, _ = _vnni_conv_operands(sch, conv)
     intrin = register_intrinsics()
@@ -196,14 +199,18 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     pack = _pack_activations(sch, conv, data_i, width, cfg)
     acc = Conv2dNCHWRule._accumulator(sch, func, conv)
 
-    def flat_pixels(n: Any, f: Any, h: Any, w: Any) -> tuple[Any, ...]:
-        return (n, f, h * width + w)
-
-    sch.transform_layout(acc, ("write", 0), flat_pixels)
-    sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
+    try:  # accumulator and epilogue on a flat H*W axis: tiles may cross rows
+        flatten_pixels(sch, acc, width)
+        row: int | None = None
+    except Exception:  # epilogue not a plain 4-D block: flatten the accumulator only
+        sch.transform_layout(acc, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
+        sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
+        row = width
     n, f, pix, rc, ry, rx = sch.get_loops(acc)
     n_ic = int(sch.get(rc).extent)
-    n_vec = pixel_vectors(npix, width)
+    n_vec = pixel_vectors(npix, row)
+    if n_vec is None:
+        raise ValueError(f"no 16-pixel tile is whole rows of {width} or divides one")
     oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
     fo, fi = sch.split(f, [None, oc_t])
     po, pv, pl = sch.split(pix, [None, n_vec, LANES])

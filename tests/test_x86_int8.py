@@ -83,8 +83,9 @@ def _run_conv(target, cfg, x: np.ndarray, w: np.ndarray, stride: int = 1, pad: i
 
 
 # (in channels, out channels, H, W): covered by the VNNI tiling (C % 4 == 0, H*W % 16 == 0)
-# (12x12 and 2x40 need tiles of 3 and 5 pixel vectors: a tile must not end mid-row)
-VNNI_SHAPES = [(4, 16, 4, 4), (12, 48, 16, 16), (64, 24, 8, 8), (96, 10, 4, 8), (16, 24, 12, 12), (8, 16, 2, 40)]
+# (28x28 and 4x12: 16-pixel tiles that cross rows, legal because the epilogue iterates flat H*W)
+VNNI_SHAPES = [(4, 16, 4, 4), (12, 48, 16, 16), (64, 24, 8, 8), (96, 10, 4, 8), (16, 24, 12, 12), (8, 16, 2, 40),
+               (8, 16, 28, 28), (4, 8, 4, 12)]
 # ragged: channels not a multiple of 4, pixels not a multiple of 16 -> the LLVM-vectorized path
 RAGGED_SHAPES = [(6, 16, 4, 4), (16, 7, 5, 5), (3, 5, 3, 7)]
 
@@ -105,7 +106,8 @@ def test_pointwise_conv_is_bit_exact_over_the_full_range(host, ic, oc, h, w):
     assert ("vpdpbusd" in asm) == vnni, (ic, oc, h, w)
 
 
-@pytest.mark.parametrize("batch,ic,oc,h,w", [(1, 16, 24, 12, 12), (2, 16, 24, 8, 8), (1, 8, 16, 2, 40)])
+@pytest.mark.parametrize("batch,ic,oc,h,w", [(1, 16, 24, 12, 12), (2, 16, 24, 8, 8), (1, 8, 16, 2, 40),
+                                             (2, 8, 16, 4, 12), (1, 8, 24, 28, 28)])
 def test_fused_requantize_epilogue_is_exact(host, batch, ic, oc, h, w):
     """The epilogue runs per register tile: every tile must see only its own accumulators."""
     target, cfg = host
