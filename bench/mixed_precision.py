@@ -54,7 +54,8 @@ def make_net(precision: str, resolution: int, classes: int = 10, seed: int = 0):
     """The benchmark StaticNet at ``precision`` (same weights for every precision with the same seed)."""
     import torch
 
-    from apq.toolchain.supernet.qlayers import InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net
+    from apq.toolchain.supernet.qlayers import (InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net,
+                                                randomize_batchnorm)
 
     torch.manual_seed(seed)
     q8 = None if precision == "float" else 8
@@ -69,14 +70,7 @@ def make_net(precision: str, resolution: int, classes: int = 10, seed: int = 0):
     head = QConvBNAct(c, HEAD_CH, 1, in_signed=True, w_bits=q8, a_bits=q8)
     net = StaticNet(stem, blocks, head, QLinear(HEAD_CH, classes, w_bits=q8, a_bits=q8))
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                k = m.num_features
-                m.running_mean.copy_(torch.rand(k, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(k, generator=g) + 0.5)
-                m.weight.data.copy_(torch.rand(k, generator=g) + 0.5)
-                m.bias.data.copy_(torch.rand(k, generator=g) - 0.5)
+    randomize_batchnorm(net, g)
     net.eval()
     calibrate_net(net, torch.randn(8, 3, resolution, resolution, generator=g))
     return net

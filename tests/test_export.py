@@ -21,6 +21,7 @@ from apq.toolchain.supernet.qlayers import (
     StaticNet,
     act_qrange,
     calibrate_net,
+    randomize_batchnorm,
     export_onnx,
 )
 
@@ -43,14 +44,7 @@ def _make_net(bits: bool, seed: int = 0) -> StaticNet:
     head = QConvBNAct(16, 32, 1, in_signed=True, w_bits=b(8), a_bits=b(8))
     net = StaticNet(stem, blocks, head, QLinear(32, 10, w_bits=b(8), a_bits=b(8)))
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    randomize_batchnorm(net, g)
     net.eval()
     calibrate_net(net, torch.randn(8, *SHAPE[1:], generator=g))
     return net

@@ -112,15 +112,9 @@ def test_calibrate_sets_clip_from_percentile() -> None:
 
 
 def _randomize_bn(module: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data[0] *= -1.0  # a negative gamma must fold correctly too
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    from apq.toolchain.supernet.qlayers import randomize_batchnorm
+
+    randomize_batchnorm(module, torch.Generator().manual_seed(seed), negative_gamma=True)
 
 
 @pytest.mark.parametrize("w_bits", [1, 2, 4, 8, None])

@@ -329,6 +329,21 @@ class StaticNet(nn.Module):
 
 
 @torch.no_grad()
+def randomize_batchnorm(net: nn.Module, generator: torch.Generator, negative_gamma: bool = False) -> None:
+    """Give every BatchNorm non-trivial statistics and affine terms (for random-weight nets in
+    tests and benchmarks, so folding BN into the conv is actually exercised)."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            if negative_gamma:
+                m.weight.data[0] *= -1.0  # a negative gamma must fold correctly too
+            m.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+
+
+@torch.no_grad()
 def calibrate_net(net: StaticNet, x: Tensor, percentile: float = 99.9) -> None:
     """Set every activation clip from one batch ``x`` (percentile of the layer's input).
 
