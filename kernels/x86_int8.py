@@ -23,8 +23,9 @@ C*H*W*OC multiply-adds in the conv).
 
 Scope (everything else keeps the LLVM-vectorized path of :mod:`apq.kernels.cpu_schedules`):
 stride-1 pointwise convs, ``groups == 1``, uint8 activations, int8 weights, int32
-accumulation, input channels a multiple of 4, and H*W splittable into tiles of whole
-16-pixel vectors (:func:`pixel_vectors`; 14x14 and 7x7 images are not: 196 and 49 pixels). Not covered:
+accumulation, input channels a multiple of 4. H*W that splits into no whole 16-pixel vectors
+(14x14 and 7x7 images: 196 and 49 pixels) is padded (:func:`_pad_and_pack_activations`) when
+at least :data:`MIN_PADDED_LANE_USE` of the padded lanes are real pixels. Not covered:
 signed int8 activations (exact via ``x + 128`` as uint8 and a ``-128 * sum(W)`` correction,
 but that changes the computation, which a schedule cannot do: it belongs in the Relax-level
 QDQ lowering), KxK / strided convs (their weights would need a per-call repack, or a
@@ -42,6 +43,10 @@ VNNI_U8S8_PIXELS16_K4 = "apq_vnni_u8s8i32_pixels16_k4"
 _LLVM_VPDPBUSD_512 = "llvm.x86.avx512.vpdpbusd.512"
 
 LANES = 16  # int32 accumulators per zmm register
+#: Ragged pixel counts are padded to whole 16-pixel vectors only when at least this share of
+#: the padded lanes is real work (196 -> 208: 94%, 49 -> 64: 77%; a 2x2 image, 4 of 16, is not
+#: worth a packed copy and 4x the multiply-adds: it keeps the 16-bit path).
+MIN_PADDED_LANE_USE = 0.5
 K_GROUP = 4  # bytes reduced into one int32 lane by vpdpbusd
 
 
@@ -134,7 +139,10 @@ def vnni_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
     if x_shape[2] != geo["oh"] or x_shape[3] != geo["ow"]:
         return False
     # the row constraint is checked by the schedule, which knows whether the epilogue flattens
-    return n_ic % K_GROUP == 0 and pixel_vectors(geo["oh"] * geo["ow"]) is not None
+    npix = geo["oh"] * geo["ow"]
+    if n_ic % K_GROUP or npix < 1:
+        return False
+    return pixel_vectors(npix) is not None or npix / padded_pixel_vectors(npix)[1] >= MIN_PADDED_LANE_USE
 
 
 #: Pixel vectors per register tile, in order of preference (2 amortizes each weight
@@ -160,12 +168,7 @@ def pixel_vectors(npix: int, row: int | None = None) -> int | None:
 
 
 def _pack_activations(sch: Any, conv: Any, data_i: int, width: int, cfg: Any) -> Any:
-    """Copy the conv's uint8 input into ``[N, C/4, H*W, 4]`` (4 channels of a pixel adjacent).
-
-    The copy iterates in the packed order (contiguous writes) with the 4 channels unrolled
-    and left to LLVM: TVM's ``vectorize`` of this loop produced per-lane scalar accesses.
-    Rows of channel groups run in parallel when the copy is big enough.
-    """
+    """Copy the conv's uint8 input into ``[N, C/4, H*W, 4]`` (4 channels of a pixel adjacent)."""
     pack = sch.cache_read(conv, data_i, "global")
 
     def layout(n: Any, c: Any, h: Any, w: Any) -> tuple[Any, ...]:
@@ -173,12 +176,68 @@ def _pack_activations(sch: Any, conv: Any, data_i: int, width: int, cfg: Any) ->
 
     sch.transform_layout(pack, ("write", 0), layout)
     sch.transform_block_layout(pack, layout)
+    _schedule_pack(sch, pack, cfg)
+    return pack
+
+
+def _schedule_pack(sch: Any, pack: Any, cfg: Any) -> None:
+    """The packing copy iterates in the packed order (contiguous writes) with the 4 channels
+    unrolled and left to LLVM: TVM's ``vectorize`` of this loop produced per-lane scalar
+    accesses. Rows of channel groups run in parallel when the copy is big enough."""
     n, c4, pix, k = sch.get_loops(pack)
     sch.unroll(k)
     rows = sch.fuse(n, c4)
     size = int(sch.get(rows).extent) * int(sch.get(pix).extent) * K_GROUP
     if cfg.num_cores > 1 and int(sch.get(rows).extent) > 1 and size >= cfg.min_parallel_work:
         sch.parallel(rows)
+
+
+def padded_pixel_vectors(npix: int) -> tuple[int, int]:
+    """(vectors per tile, padded pixel count) for a pixel axis no whole tile divides.
+
+    The smallest padding wins (196 -> 208 with 1-vector tiles, 49 -> 64), ties go to the
+    order of :data:`_PIXEL_VECTOR_CHOICES` (2 vectors amortize each weight broadcast).
+    """
+    best: tuple[int, int] | None = None
+    for n_vec in _PIXEL_VECTOR_CHOICES:
+        tile = n_vec * LANES
+        padded = -(-npix // tile) * tile
+        if best is None or padded < best[1]:
+            best = (n_vec, padded)
+    assert best is not None
+    return best
+
+
+def _pad_and_pack_activations(sch: Any, acc: Any, data_i: int, padded: int, cfg: Any) -> Any:
+    """Pad the flat pixel axis of a (flattened) pointwise conv to ``padded`` and pack its input.
+
+    Why: 14x14 and 7x7 images (196 and 49 pixels) split into no whole 16-pixel vectors, so
+    their convs ran on the 16-bit path (~1.7 ms of the int8 MobileNetV2 at 224 px). The conv's
+    iteration domain is padded (``pad_einsum``): the zero pixels of the packed input give
+    accumulators nobody reads, the epilogue still iterates the real pixels only (its last
+    tile gets a predicate). The extra work is ``padded / npix`` (196 -> 208: 6%).
+    The input is first re-indexed to ``[N, H*W, C]`` (``reindex``: plain iterator indices,
+    which ``pad_einsum`` requires), then the padded copy is stored as ``[N, C/4, P, 4]``.
+    """
+    reindex = sch.reindex(acc, ("read", data_i))
+    shape = [int(d) for d in sch.get(reindex).writes[0].source.shape]
+    n_ic = int(sch.get(acc).iter_vars[3].dom.extent)
+    if len(shape) != 3 or shape[2] != n_ic:
+        raise ValueError(f"unexpected re-indexed input {shape}")
+    pads = [1] * len(sch.get(acc).iter_vars)
+    pads[2] = padded
+    sch.pad_einsum(acc, pads)
+    (pack,) = sch.get_producers(acc)  # the weight needs no padding: only the input is copied
+    (unpad,) = sch.get_consumers(acc)  # padded accumulator -> real one: read it in the epilogue
+    sch.compute_inline(reindex)
+    sch.compute_inline(unpad)
+
+    def layout(n: Any, p: Any, c: Any) -> tuple[Any, ...]:
+        return (n, c // K_GROUP, p, c % K_GROUP)
+
+    sch.transform_layout(pack, ("write", 0), layout)
+    sch.transform_block_layout(pack, layout)
+    _schedule_pack(sch, pack, cfg)
     return pack
 
 
@@ -196,21 +255,27 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     data_i, _ = _vnni_conv_operands(sch, conv)
     intrin = register_intrinsics()
     width, npix = geo["ow"], geo["oh"] * geo["ow"]
-    pack = _pack_activations(sch, conv, data_i, width, cfg)
-    acc = Conv2dNCHWRule._accumulator(sch, func, conv)
-
-    try:  # accumulator and epilogue on a flat H*W axis: tiles may cross rows
+    n_vec = pixel_vectors(npix)
+    if n_vec is None:  # ragged pixel count: pad the conv's flat pixel axis (needs a 4-D epilogue)
+        acc = Conv2dNCHWRule._accumulator(sch, func, conv)
         flatten_pixels(sch, acc, width)
-        row: int | None = None
-    except Exception:  # epilogue not a plain 4-D block: flatten the accumulator only
-        sch.transform_layout(acc, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
-        sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
-        row = width
+        n_vec, padded = padded_pixel_vectors(npix)
+        pack = _pad_and_pack_activations(sch, acc, data_i, padded, cfg)
+    else:
+        pack = _pack_activations(sch, conv, data_i, width, cfg)
+        acc = Conv2dNCHWRule._accumulator(sch, func, conv)
+        try:  # accumulator and epilogue on a flat H*W axis: tiles may cross rows
+            flatten_pixels(sch, acc, width)
+            row: int | None = None
+        except Exception:  # epilogue not a plain 4-D block: flatten the accumulator only
+            sch.transform_layout(acc, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
+            sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
+            row = width
+        n_vec = pixel_vectors(npix, row)
+        if n_vec is None:
+            raise ValueError(f"no 16-pixel tile is whole rows of {width} or divides one")
     n, f, pix, rc, ry, rx = sch.get_loops(acc)
     n_ic = int(sch.get(rc).extent)
-    n_vec = pixel_vectors(npix, row)
-    if n_vec is None:
-        raise ValueError(f"no 16-pixel tile is whole rows of {width} or divides one")
     oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
     fo, fi = sch.split(f, [None, oc_t])
     po, pv, pl = sch.split(pix, [None, n_vec, LANES])

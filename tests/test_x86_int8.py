@@ -86,11 +86,15 @@ def _run_conv(target, cfg, x: np.ndarray, w: np.ndarray, stride: int = 1, pad: i
 # (28x28 and 4x12: 16-pixel tiles that cross rows, legal because the epilogue iterates flat H*W)
 VNNI_SHAPES = [(4, 16, 4, 4), (12, 48, 16, 16), (64, 24, 8, 8), (96, 10, 4, 8), (16, 24, 12, 12), (8, 16, 2, 40),
                (8, 16, 28, 28), (4, 8, 4, 12)]
-# ragged: channels not a multiple of 4, pixels not a multiple of 16 -> the LLVM-vectorized path
-RAGGED_SHAPES = [(6, 16, 4, 4), (16, 7, 5, 5), (3, 5, 3, 7)]
+# ragged pixel counts padded to whole 16-pixel vectors (14x14: 196 -> 208, 7x7: 49 -> 64,
+# 5x5: 25 -> 32, 3x7: 21 -> 32): still VNNI, the padded pixels are computed and never read
+PADDED_SHAPES = [(16, 7, 5, 5), (16, 32, 14, 14), (64, 48, 7, 7), (8, 16, 3, 7)]
+# channels not a multiple of 4, or too few pixels to fill half the padded lanes (2x2: 4 of 16)
+# -> the LLVM-vectorized path
+RAGGED_SHAPES = [(6, 16, 4, 4), (3, 5, 3, 7), (8, 16, 2, 2)]
 
 
-@pytest.mark.parametrize("ic,oc,h,w", VNNI_SHAPES + RAGGED_SHAPES)
+@pytest.mark.parametrize("ic,oc,h,w", VNNI_SHAPES + PADDED_SHAPES + RAGGED_SHAPES)
 def test_pointwise_conv_is_bit_exact_over_the_full_range(host, ic, oc, h, w):
     target, cfg = host
     rng = np.random.default_rng(ic * 1000 + oc)
@@ -102,12 +106,13 @@ def test_pointwise_conv_is_bit_exact_over_the_full_range(host, ic, oc, h, w):
     wt[-1, :, 0, 0] = 127
     got, asm = _run_conv(target, cfg, x, wt)
     np.testing.assert_array_equal(got, _reference(x, wt, 1, 0))
-    vnni = (ic, oc, h, w) in VNNI_SHAPES
+    vnni = (ic, oc, h, w) in VNNI_SHAPES + PADDED_SHAPES
     assert ("vpdpbusd" in asm) == vnni, (ic, oc, h, w)
 
 
 @pytest.mark.parametrize("batch,ic,oc,h,w", [(1, 16, 24, 12, 12), (2, 16, 24, 8, 8), (1, 8, 16, 2, 40),
-                                             (2, 8, 16, 4, 12), (1, 8, 24, 28, 28)])
+                                             (2, 8, 16, 4, 12), (1, 8, 24, 28, 28), (1, 16, 32, 14, 14),
+                                             (2, 8, 16, 7, 7)])
 def test_fused_requantize_epilogue_is_exact(host, batch, ic, oc, h, w):
     """The epilogue runs per register tile: every tile must see only its own accumulators."""
     target, cfg = host
@@ -207,3 +212,18 @@ def test_vnni_and_16bit_paths_agree_on_a_mobilenet_layer(host):
         vm = relax.VirtualMachine(compile_relax(mod, target, cfg=c), tvm.cpu())
         outs[label] = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(outs["vnni"], outs["int16"])
+
+
+def test_int8_mobilenetv2_with_ragged_14x14_and_7x7_stages_verifies(host, tmp_path):
+    """At 112 px the late stages are 14x14 and 7x7 (196 and 49 pixels): their pointwise convs
+    run on the padded VNNI path, and the whole model must still agree with onnxruntime."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import compile_onnx
+    from apq.toolchain.examples import mobilenetv2_onnx, quantize_qdq
+    from apq.toolchain.verify import verify_artifact
+
+    fp = mobilenetv2_onnx(tmp_path / "mbv2_112.onnx", resolution=112, width=0.35)
+    q = quantize_qdq(fp, tmp_path / "mbv2_112_qdq.onnx", per_channel=True)
+    res = compile_onnx(q, "host", tmp_path / "mbv2_112_qdq.apq")
+    rep = verify_artifact(open_artifact(res.artifact_path), q)
+    assert rep.passed, rep.to_json()
