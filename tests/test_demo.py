@@ -18,6 +18,7 @@ def test_demo_runs_verifies_and_resumes(tmp_path):
         # the signed inputs of pointwise convs that lower_qdq re-biases to uint8 for VNNI
         blocks = [lay for lay in layers if lay["weight_bits"] == 4]
         assert len(blocks) >= 12 and all(lay["activation_bits"] == 4 for lay in blocks), layers
+    assert (tmp_path / "demo" / "profile_host.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["model"] == rep["model"]
     # Interrupted or finished: a rerun reuses every stage record instead of recomputing it.

@@ -7,10 +7,12 @@ import json
 from apq.toolchain.cli import main
 
 
-def test_profile_onnx_on_host_is_measured(capsys, mbv2_float):
+def test_profile_onnx_on_host_is_measured(capsys, tmp_path, mbv2_float):
+    png = tmp_path / "layers.png"
     assert main(["profile", str(mbv2_float), "--target", "host", "--min-time", "0.05", "--threads", "1",
-                 "--json"]) == 0
+                 "--plot", str(png), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
+    assert rep["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lat = rep["latency"]
     assert lat["source"] == "measured" and lat["median_ms"] > 0 and lat["threads"] == 1
     assert rep["layers"] and all(row["total_ms"] >= 0 for row in rep["layers"])

@@ -203,6 +203,7 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed repeats (at least)")
     p.add_argument("--top", type=int, default=15, help="rows of the per-layer table to print")
+    p.add_argument("--plot", metavar="PNG", help="also write a per-kernel latency bar chart")
     _rpc_args(p, key_required=False)
     p.add_argument("--json", action="store_true")
 

@@ -99,6 +99,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
                                MeasureConfig(min_time_s=cfg.min_time_s))
         report["profile_host"] = prof.to_json()
         report["profile_host_text"] = prof.format_table(top=10)
+        from apq.toolchain.plots import plot_layer_latency
+
+        report["plot"] = str(plot_layer_latency(
+            [r.to_json() for r in prof.layers], out / "profile_host.png",
+            f"demo model on host: measured, median {prof.e2e.median_ms:.3f} ms, {prof.e2e.threads} thread(s)"))
         report["layers"] = art.manifest["layers"]
         bar.update(1)
     finally:

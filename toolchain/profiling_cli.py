@@ -65,6 +65,13 @@ def profile_command(args: argparse.Namespace) -> dict[str, Any]:
             sim = simulated_cost(art.manifest)
             report["simulated"] = sim
             text.append(sim["text"])
+        if getattr(args, "plot", None):
+            from apq.toolchain.plots import plot_layer_latency
+
+            title = (f"{Path(args.model).name} on {spec.name}: measured, median {prof.e2e.median_ms:.3f} ms, "
+                     f"{prof.e2e.threads} thread(s), {prof.e2e.device}")
+            report["plot"] = str(plot_layer_latency(report["layers"], args.plot, title))
+            text.append(f"plot: {report['plot']}")
         report["text"] = "\n".join(text)
         return report
 
