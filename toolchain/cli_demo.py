@@ -32,6 +32,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"{t}: {c['artifact']} compiled in {c['compile_s']:.1f} s; verify{where}: {status}{err}")
         _print_layers(rep["layers"])
         print(rep["profile_host_text"])
+        print(f"plot: {rep['plot']}")
         print(f"report: {args.out}/report.json")
     ok = all(v.get("passed", "skipped" in v) for v in rep["verify"].values())
     return 0 if ok else 1
