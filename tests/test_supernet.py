@@ -13,7 +13,7 @@ import torch
 
 from apq.toolchain.data import AugmentConfig, DatasetSpec, LoadedDataset
 from apq.toolchain.errors import ArtifactError, InvalidInputError
-from apq.toolchain.supernet.calibrate import calibrate_clips, recalibrate_bn
+from apq.toolchain.supernet.calibrate import calibrate_bit_clips, calibrate_clips, mse_clip, recalibrate_bn
 from apq.toolchain.supernet.evaluate import (
     SubnetEvaluator,
     apply_bits,
@@ -157,7 +157,7 @@ def test_gradients_reach_only_active_slices_and_kernel_transforms() -> None:
     assert net.stages[0][1].expand.weight.grad is None  # inactive block
     t = blk.depthwise.kernel_transforms
     assert t["7to5"].grad.abs().sum() > 0 and t["5to3"].grad.abs().sum() > 0
-    assert blk.expand.act_quant.clip.grad is not None
+    assert blk.expand.bit_clips["a4"].grad is not None  # the 4-bit policy's own clip
 
 
 def test_kernel_transform_starts_as_centre_crop() -> None:
@@ -224,6 +224,79 @@ def test_calibrate_clips_on_supernet_and_static() -> None:
     static = Supernet(TINY).extract(TINY.smallest())
     calibrate_clips(static, None, x)
     assert static.blocks[0].depthwise.act_quant.clip.item() != 6.0
+
+
+def test_each_low_bit_width_has_its_own_clip_and_extract_takes_it() -> None:
+    torch.manual_seed(8)
+    net = Supernet(TINY).train()
+    layer = net.stages[0][0].expand
+    assert sorted(layer.bit_clips) == ["a2", "a4"]  # 8 = fixed_bits uses act_quant.clip
+    with torch.no_grad():
+        layer.bit_clips["a2"].fill_(0.7)
+        layer.bit_clips["a4"].fill_(2.5)
+    cfg = SubnetConfig((1, 1), (BlockConfig(3, 2, 2, 2, 2, 2),) * 2)
+    net.set_active(cfg)
+    net(torch.randn(4, 1, 8, 8)).square().sum().backward()
+    assert layer.bit_clips["a2"].grad is not None and layer.bit_clips["a4"].grad is None
+    assert layer.act_quant.clip.grad is None
+    for bits, want in ((2, 0.7), (4, 2.5), (8, 6.0)):
+        static = net.extract(cfg.with_bits(bits, bits))
+        assert static.blocks[0].expand.act_quant.clip.item() == pytest.approx(want)
+
+
+def test_checkpoint_without_bit_clips_loads_with_the_shared_clip() -> None:
+    """Checkpoints written before per-bit clips still load and compute what they did."""
+    torch.manual_seed(9)
+    net = Supernet(TINY)
+    with torch.no_grad():
+        net.stages[1][0].depthwise.act_quant.clip.fill_(1.25)
+    old = {k: v for k, v in net.state_dict().items() if ".bit_clips." not in k}
+    fresh = Supernet(TINY)
+    fresh.load_state_dict(old)  # strict
+    dw = fresh.stages[1][0].depthwise
+    assert dw.bit_clips["a2"].item() == dw.bit_clips["a4"].item() == 1.25
+
+
+def test_mse_clip_is_smaller_at_low_bits_and_beats_the_percentile() -> None:
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    c2, c4, c8 = (mse_clip(x, b, signed=True) for b in (2, 4, 8))
+    assert c2 < c4 < c8
+
+    def err(clip: float, bits: int) -> float:
+        s = clip / (2 ** (bits - 1) - 1)
+        return float(((torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s - x) ** 2).mean())
+
+    pct = float(torch.quantile(x.abs(), 0.999))
+    assert err(c2, 2) < 0.5 * err(pct, 2)
+    assert mse_clip(x.clamp_min(0), 2, signed=False) > 0 and mse_clip(torch.zeros(10), 2, True) == 1e-3
+
+
+def test_calibrate_bit_clips_lowers_the_2bit_quantization_error() -> None:
+    torch.manual_seed(10)
+    net = Supernet(TINY)
+    _warm(net, np.random.default_rng(10))
+    x = torch.randn(32, 1, 8, 8) * 2
+    calibrate_clips(net, TINY.largest(8), x)  # percentile clips, shared by all bit-widths
+    layer = net.stages[0][0].expand  # its input (the 8-bit stem's output) is the same at any block bits
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    net.eval()
+    with torch.no_grad():
+        net.set_active(TINY.largest(bits=2))
+        net(x)
+
+    def err() -> float:
+        q = layer.act_quant.__class__(signed=True)
+        q.clip.data.fill_(layer.bit_clips["a2"].item())
+        return float((q(seen[0], 2) - seen[0]).square().mean())
+
+    before = err()
+    clip8 = layer.act_quant.clip.item()
+    assert calibrate_bit_clips(net, x) == {2: 12, 4: 12}  # 2 stages x 2 blocks x 3 elastic layers
+    handle.remove()
+    assert err() < 0.8 * before and layer.bit_clips["a2"].item() < layer.bit_clips["a4"].item() < clip8
+    assert layer.act_quant.clip.item() == clip8  # the 8-bit clip is untouched
+    assert net.training is False and net.active == TINY.largest(bits=2)
 
 
 # --------------------------------------------------------------------------- training
@@ -368,3 +441,12 @@ def test_checked_in_checkpoint_matches_its_record() -> None:
 def test_checked_in_checkpoint_is_accurate_on_fashion_mnist() -> None:
     r = eval_subnet(CHECKPOINT, "largest", "W8A8", split="test", calib_batches=2, eval_subset=512)
     assert r["samples"] == 512 and r["top1"] > 0.8
+
+
+@pytest.mark.skipif(not CHECKPOINT.is_file() or not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="checkpoint or Fashion-MNIST missing")
+def test_checked_in_checkpoint_2bit_is_far_above_chance() -> None:
+    """The 2-bit recipe (per-bit-width MSE clips) must show in the shipped weights (10% = chance)."""
+    r = eval_subnet(CHECKPOINT, "smallest", "W2A2", split="test", calib_batches=2, eval_subset=512)
+    assert r["samples"] == 512 and r["top1"] > 0.5
+

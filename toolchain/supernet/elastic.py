@@ -13,6 +13,11 @@ Elastic dimensions, as in once-for-all:
   :meth:`DynamicBlock.sort_channels`);
 * kernel: the centre of the largest kernel, passed through a learned linear transform per
   step down (7 -> 5 -> 3), initialised to the identity, shared by all channels of the layer.
+
+Activation clips are per bit-width (``bit_clips``): the best clip of a 2-bit grid is far
+smaller than an 8-bit one (with one shared clip calibrated for 8 bits, a 2-bit signed grid
+rounds ~all activations to zero, BN then normalises a near-constant tensor and the gradient
+explodes). An extracted layer has one bit-width, so it gets exactly one of these clips.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class DynamicConvBNAct(nn.Module):
         depthwise: bool = False,
         relu6: bool = True,
         in_signed: bool = False,
+        clip_bits: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if depthwise and max_in != max_out:
@@ -54,12 +60,29 @@ class DynamicConvBNAct(nn.Module):
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
         self.bn = nn.BatchNorm2d(max_out)
         self.act_quant = ActQuant(signed=in_signed)
+        # Own clips for the low bit-widths; other bit-widths (8) use act_quant.clip.
+        self.bit_clips = nn.ParameterDict({f"a{b}": nn.Parameter(torch.tensor(6.0)) for b in sorted(set(clip_bits))})
         # One transform per step down, applied to the flattened centre (OFA's kernel transform).
         self.kernel_transforms = nn.ParameterDict({
             f"{big}to{small}": nn.Parameter(torch.eye(small * small))
             for big, small in zip(self.kernel_choices[::-1], self.kernel_choices[::-1][1:])
         })
         self._templates: dict[tuple[int, int, int], QConvBNAct] = {}
+        self._register_load_state_dict_pre_hook(self._fill_missing_bit_clips)
+
+    def _fill_missing_bit_clips(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Checkpoints from before per-bit clips: every bit-width starts from the shared clip,
+        which reproduces exactly what such a checkpoint computed."""
+        shared = state_dict.get(prefix + "act_quant.clip")
+        for key in self.bit_clips:
+            name = prefix + "bit_clips." + key
+            if name not in state_dict and shared is not None:
+                state_dict[name] = shared.clone()
+
+    def clip_param(self, a_bits: int | None) -> nn.Parameter:
+        """The learned clip that quantizes this layer's input at ``a_bits``."""
+        key = f"a{a_bits}"
+        return self.bit_clips[key] if key in self.bit_clips else self.act_quant.clip
 
     # ------------------------------------------------------------------ active tensors
     def active_weight(self, out_ch: int, in_ch: int, kernel: int) -> Tensor:
@@ -77,8 +100,9 @@ class DynamicConvBNAct(nn.Module):
             size = small
         return w
 
-    def active_state(self, in_ch: int, out_ch: int, kernel: int) -> dict[str, Tensor]:
-        """Parameters and buffers of the equivalent :class:`QConvBNAct`, by its state-dict names."""
+    def active_state(self, in_ch: int, out_ch: int, kernel: int, a_bits: int | None = None) -> dict[str, Tensor]:
+        """Parameters and buffers of the equivalent :class:`QConvBNAct`, by its state-dict names
+        (the activation clip is the one for ``a_bits``)."""
         bn = self.bn
         state = {
             "conv.weight": self.active_weight(out_ch, in_ch, kernel),
@@ -90,6 +114,7 @@ class DynamicConvBNAct(nn.Module):
         }
         for name, t in self.act_quant.state_dict(keep_vars=True).items():
             state[f"act_quant.{name}"] = t
+        state["act_quant.clip"] = self.clip_param(a_bits)
         return state
 
     def _template(self, in_ch: int, out_ch: int, kernel: int) -> QConvBNAct:
@@ -115,14 +140,15 @@ class DynamicConvBNAct(nn.Module):
         t.train(self.training)
         bn = self.bn
         t.bn.momentum, t.bn.eps = bn.momentum, bn.eps
-        return functional_call(t, self.active_state(in_ch, out_ch, kernel), (x,))
+        return functional_call(t, self.active_state(in_ch, out_ch, kernel, a_bits), (x,))
 
     @torch.no_grad()
     def extract(self, in_ch: int, out_ch: int, kernel: int, w_bits: int | None, a_bits: int | None) -> QConvBNAct:
         """A standalone :class:`QConvBNAct` holding copies of the active tensors."""
         layer = self._new_static(in_ch, out_ch, kernel, w_bits, a_bits)
         layer.bn.momentum, layer.bn.eps = self.bn.momentum, self.bn.eps
-        layer.load_state_dict({k: v.detach().clone() for k, v in self.active_state(in_ch, out_ch, kernel).items()})
+        state = self.active_state(in_ch, out_ch, kernel, a_bits)
+        layer.load_state_dict({k: v.detach().clone() for k, v in state.items()})
         return layer.train(self.training)
 
     def extra_repr(self) -> str:
@@ -134,15 +160,17 @@ class DynamicBlock(nn.Module):
     """An elastic inverted-residual block (expand 1x1 -> depthwise kxk -> project 1x1)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, kernel_choices: tuple[int, ...],
-                 expand_choices: tuple[int, ...]) -> None:
+                 expand_choices: tuple[int, ...], clip_bits: tuple[int, ...] = ()) -> None:
         super().__init__()
         if min(expand_choices) < 2:
             raise ValueError("expand ratios must be >= 2 (an expand-1 block has no expand conv to share)")
         self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
         max_mid = in_ch * max(expand_choices)
-        self.expand = DynamicConvBNAct(in_ch, max_mid, (1,), 1, relu6=True, in_signed=True)
-        self.depthwise = DynamicConvBNAct(max_mid, max_mid, kernel_choices, stride, depthwise=True, relu6=True)
-        self.project = DynamicConvBNAct(max_mid, out_ch, (1,), 1, relu6=False, in_signed=False)
+        cb = tuple(clip_bits)
+        self.expand = DynamicConvBNAct(in_ch, max_mid, (1,), 1, relu6=True, in_signed=True, clip_bits=cb)
+        self.depthwise = DynamicConvBNAct(max_mid, max_mid, kernel_choices, stride, depthwise=True, relu6=True,
+                                          clip_bits=cb)
+        self.project = DynamicConvBNAct(max_mid, out_ch, (1,), 1, relu6=False, in_signed=False, clip_bits=cb)
         self.use_residual = stride == 1 and in_ch == out_ch
 
     def mid(self, cfg: BlockConfig) -> int:

@@ -42,13 +42,18 @@ class Supernet(nn.Module):
         for st in range(s.num_stages):
             self.stages.append(nn.ModuleList(
                 DynamicBlock(s.block_in_channels(st, i), s.stage_widths[st], s.block_stride(st, i),
-                             s.kernel_choices, s.expand_choices)
+                             s.kernel_choices, s.expand_choices, self.low_bit_choices(s))
                 for i in range(s.max_depth)
             ))
         self.head = QConvBNAct(s.stage_widths[-1], s.head_width, 1, 1, 1, True, fb, fb, in_signed=True)
         self.classifier = QLinear(s.head_width, s.num_classes, fb, fb, in_signed=False)
         self.active: SubnetConfig = s.largest(bits=None)
         self.set_active(self.active)
+
+    @staticmethod
+    def low_bit_choices(space: SearchSpace) -> tuple[int, ...]:
+        """Bit choices below ``fixed_bits``: each gets its own activation clips in every block."""
+        return tuple(b for b in space.bit_choices if b < space.fixed_bits)
 
     # ------------------------------------------------------------------ subnet selection
     def _fixed_bits(self, cfg: SubnetConfig) -> int | None:

@@ -5,7 +5,8 @@ Phases (once-for-all, then APQ's quantization-aware stage), each a :class:`Phase
 1. ``full``   - the largest subnet alone, float;
 2. ``kernel`` - elastic kernel;           3. ``depth`` - + elastic depth;
 4. ``width``  - + elastic expand ratio (hidden channels sorted by importance first);
-5. ``quant``  - + random bit policies (activation clips calibrated first).
+5. ``quant``  - + random bit policies (activation clips calibrated first: 8-bit by percentile,
+   each lower bit-width its own clips by MSE, see ``calibrate_bit_clips``).
 
 Elastic phases use the sandwich rule: per step the largest subnet (trained on labels, the
 teacher), the smallest and ``random_per_step`` random subnets, whose losses add in-place
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from apq.toolchain.data import LoadedDataset, load_dataset, split_train_val
 from apq.toolchain.data.transforms import normalize, random_crop_flip
 from apq.toolchain.errors import ArtifactError, InvalidInputError
-from apq.toolchain.supernet.calibrate import calibrate_clips
+from apq.toolchain.supernet.calibrate import calibrate_bit_clips, calibrate_clips
 from apq.toolchain.supernet.space import BlockConfig, SearchSpace, SubnetConfig
 from apq.toolchain.supernet.supernet import Supernet
 
@@ -276,7 +277,8 @@ def _phase_start(net: Supernet, phase: PhaseConfig, data: EpochBatches, cfg: Tra
     if "bits" in phase.elastic:
         n = max(1, min(cfg.calib_samples // cfg.batch_size, data.steps_per_epoch))
         xs = torch.cat([data.batch(0, i)[0] for i in range(n)])
-        calibrate_clips(net, net.space.largest(), xs)
+        calibrate_clips(net, net.space.largest(), xs)  # 8-bit clips (and the fixed layers): percentile
+        calibrate_bit_clips(net, xs)  # each low bit-width its own MSE-optimal clips (2-bit needs them)
 
 
 def _accumulate(params: list[torch.nn.Parameter], loss: torch.Tensor, clip: float) -> float:
