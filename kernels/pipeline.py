@@ -9,6 +9,7 @@ pipeline (``relax.backend.cpu_generic``) from its own pass groups and insert
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from apq.kernels.cpu_schedules import CpuScheduleConfig, make_rules
@@ -24,13 +25,27 @@ def schedule_pass(cfg: CpuScheduleConfig | None = None) -> Any:
     return dlight.ApplyDefaultSchedule(*make_rules(cfg))
 
 
-def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True) -> Any:
+def prepare_passes(target: Any) -> list[Any]:
+    """Dispatch + legalize + FuseOps + FuseTIR: the passes whose output apq schedules.
+
+    Shared with kernels/tuning.py so MetaSchedule tunes exactly the PrimFuncs the build sees.
+    """
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
+def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,
+                   database: Any | None = None) -> Any:
     """TVM's default CPU Relax pipeline with apq's schedules inserted after FuseTIR.
 
     ``target`` is a ``tvm.target.Target``; ``schedule=False`` gives TVM's unscheduled pipeline
-    (what apq compiled before, kept for A/B tests and benchmarks).
+    (what apq compiled before, kept for A/B tests and benchmarks). ``database`` (a MetaSchedule
+    database, kernels/tuning.py) is applied before apq's rules: tuned PrimFuncs are marked
+    scheduled and keep their tuned loops, untuned ones still get apq's schedules.
     """
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     cfg = cfg or CpuScheduleConfig.for_target(target)
@@ -38,9 +53,10 @@ def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: 
 
     @tvm.transform.module_pass(opt_level=0, name="ApqCpuPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
+        with target, (database if database is not None else contextlib.nullcontext()):
+            tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + middle
+                prepare_passes(target) + tuned + middle
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 
@@ -52,10 +68,14 @@ def supports(target: Any) -> bool:
     return str(target.kind.name) == "llvm"
 
 
-def compile_relax(mod: Any, target: Any, schedule: bool = True, cfg: CpuScheduleConfig | None = None) -> Any:
-    """``tvm.compile`` with apq's CPU pipeline (the one-line hook build_library calls)."""
+def compile_relax(mod: Any, target: Any, schedule: bool = True, cfg: CpuScheduleConfig | None = None,
+                  database: Any | None = None) -> Any:
+    """``tvm.compile`` with apq's CPU pipeline (the one-line hook build_library calls).
+
+    ``database``: optional MetaSchedule tuning records applied before apq's rules.
+    """
     import tvm
 
     if not supports(target):
         return tvm.compile(mod, target)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule, database))

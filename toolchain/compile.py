@@ -42,6 +42,9 @@ class CompileOptions:
     # NCHW<->NHWC transposes around each bit-serial layer currently cost more than they save
     # (bench/mixed_precision.py: 0.673 ms with vs 0.607 ms without at 32 px).
     bitserial: BitserialPolicy | None = None
+    # MetaSchedule trials for the final artifact (kernels/tuning.py); 0 = apq's schedules only.
+    # Records are cached per target, so recompiling the same model runs no new trials.
+    tune_trials: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,14 +112,29 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
     return mod, layers
 
 
-def build_library(mod, target: TargetSpec, out_dir: Path) -> Path:
-    """tvm.compile for the target and export the executable; cross-compile for ARM."""
+def tune_library(mod, target: TargetSpec, trials: int, progress: bool = False):
+    """MetaSchedule records for ``mod`` (kernels/tuning.py) -> (database, report json), or (None, None)."""
+    if trials == 0:
+        return None, None
+    from apq.kernels.tuning import TuneConfig, tune_for_target, tuned_functions
+
+    db, report = tune_for_target(mod, target, TuneConfig(trials=trials), progress=progress)
+    info = report.to_json()
+    info["tuned_functions"] = tuned_functions(mod, target.tvm(), db)
+    return db, info
+
+
+def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path:
+    """tvm.compile for the target and export the executable; cross-compile for ARM.
+
+    ``database``: optional MetaSchedule records (``tune_library``) applied before apq's schedules.
+    """
     import tvm
 
     from apq.kernels.pipeline import compile_relax  # apq's CPU schedules (kernels/cpu_schedules.py)
 
     try:
-        ex = compile_relax(mod, target.tvm())
+        ex = compile_relax(mod, target.tvm(), database=database)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise ApqError(f"TVM failed to compile for {target.name}: {msg}") from None
@@ -166,14 +184,14 @@ def compile_onnx(onnx_path: str | Path, target: str = "host", out_path: str | Pa
     steps = tqdm(total=4, desc=f"apq-compile {onnx_path.name} -> {target}", disable=None if progress else True, unit="step",
                  leave=False)
     try:
-        manifest, compile_s = _compile_steps(onnx_path, spec, options, out, extra_manifest, steps)
+        manifest, compile_s = _compile_steps(onnx_path, spec, options, out, extra_manifest, steps, progress)
     finally:
         steps.close()
     return CompileResult(out, manifest, compile_s)
 
 
 def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, out: Path,
-                   extra_manifest: dict[str, Any] | None, steps) -> tuple[dict[str, Any], float]:
+                   extra_manifest: dict[str, Any] | None, steps, progress: bool = False) -> tuple[dict[str, Any], float]:
     t0 = time.perf_counter()
     model = load_onnx(onnx_path)
     inputs = resolve_input_specs(model, {k: tuple(v) for k, v in options.input_shapes.items()})
@@ -183,8 +201,9 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
     mod, layers = lower_module(mod, model, spec, options)
     outputs = _output_specs(mod, output_names(model))
     steps.update(1)
+    database, tuning = tune_library(mod, spec, options.tune_trials, progress)
     with tempfile.TemporaryDirectory(prefix="apq-build-") as tmp:
-        lib = build_library(mod, spec, Path(tmp))
+        lib = build_library(mod, spec, Path(tmp), database)
         steps.update(1)
         compile_s = time.perf_counter() - t0
         manifest: dict[str, Any] = {
@@ -194,7 +213,8 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
             "inputs": [s.to_json() for s in inputs],
             "outputs": [s.to_json() for s in outputs],
             "layers": [layer.to_json() for layer in layers],
-            "compile": {"options": options.to_json(), "seconds": round(compile_s, 3)},
+            "compile": {"options": options.to_json(), "seconds": round(compile_s, 3),
+                        **({"tuning": tuning} if tuning else {})},
             "versions": tool_versions(),
         }
         if extra_manifest:

@@ -1,0 +1,254 @@
+"""Optional MetaSchedule tuning of the fused PrimFuncs of a final artifact, with a per-target cache.
+
+Why optional: apq's own schedules (kernels/cpu_schedules.py) compile a model in seconds and are
+what the search measures; MetaSchedule finds faster loops for a *final* artifact but costs minutes
+(TVM_NOTES.md: the builder is the bottleneck). Why a per-target database on disk: tuning records
+are keyed by the PrimFunc's structure, so a second compile of the same model (or of another model
+sharing layer shapes) reuses them and runs zero new trials -- that is what makes tuning usable.
+
+Why tune the module after apq's own legalize/fuse passes (``pipeline.prepare_passes``): the
+records must match the exact fused PrimFuncs the build later looks up with
+``MetaScheduleApplyDatabase``; tuning anything else would produce records that never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from apq.toolchain.errors import InvalidInputError
+
+
+@dataclass
+class TuneConfig:
+    """How much to tune: ``trials`` is the global MetaSchedule budget for one module (raised to
+    one trial per untuned task, see ``trial_budget``).
+
+    ``max_workers`` is 1 by default: the machines apq runs on have 2 cores, and each builder
+    worker imports TVM (~5 s) and competes with the runner that is timing candidates.
+    """
+
+    trials: int = 0
+    max_workers: int = 1
+    seed: int = 0
+    builder_timeout_s: float = 180.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "TuneConfig":
+        return TuneConfig(**d)
+
+    def validate(self) -> None:
+        if self.trials < 0:
+            raise InvalidInputError(f"tune trials must be >= 0, got {self.trials}")
+        if self.max_workers < 1:
+            raise InvalidInputError(f"tune max_workers must be >= 1, got {self.max_workers}")
+
+
+@dataclass
+class TuneReport:
+    """What one ``tune_module`` call did (``new_records == 0`` means everything came from cache)."""
+
+    database_dir: str
+    tasks: int
+    cached_tasks: int
+    tuned_tasks: int
+    records_before: int
+    records_after: int
+    seconds: float
+
+    @property
+    def new_records(self) -> int:
+        return self.records_after - self.records_before
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["new_records"] = self.new_records
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+def _target_dict(target: Any) -> dict[str, Any]:
+    """The target's canonical JSON dict (from a TargetSpec, a ``tvm.target.Target`` or a dict).
+
+    Canonical = TVM's own export, which fills in defaults (keys, features): a spec and the
+    ``tvm.target.Target`` built from it must map to the same database.
+    """
+    import tvm
+
+    if hasattr(target, "tvm_target"):
+        target = target.tvm_target
+    if isinstance(target, dict):
+        target = tvm.target.Target(target)
+    return dict(target.export())
+
+
+def target_key(target: Any) -> str:
+    """A short stable hash of the target's JSON dict: the cache sub-folder of its records."""
+    blob = json.dumps(_target_dict(target), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def database_dir(target: Any, cache_dir: Path | None = None) -> Path:
+    """``$APQ_CACHE_DIR/tuning/<target key>`` (default ``~/.cache/apq/tuning/<target key>``)."""
+    from apq.targets.aarch64_runtime import cache_root
+
+    return cache_root(cache_dir) / "tuning" / target_key(target)
+
+
+def open_database(target: Any, cache_dir: Path | None = None, create: bool = True) -> Any | None:
+    """The target's JSON database, or None when it does not exist and ``create`` is False."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = database_dir(target, cache_dir)
+    if not create and not (d / "database_tuning_record.json").exists():
+        return None
+    d.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(d))
+
+
+def count_records(db: Any) -> int:
+    return len(db.get_all_tuning_records())
+
+
+@contextlib.contextmanager
+def _locked(d: Path) -> Iterator[None]:
+    """One tuner per target database at a time (JSONDatabase appends lines, two writers interleave)."""
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fused_module(mod: Any, target: Any) -> Any:
+    """The module after apq's dispatch/legalize/fuse passes: the PrimFuncs the build schedules."""
+    import tvm
+
+    from apq.kernels.pipeline import prepare_passes
+
+    with target:
+        return tvm.transform.Sequential(prepare_passes(target))(mod)
+
+
+def _tasks(fused: Any, target: Any) -> list[Any]:
+    """MetaSchedule tasks of the fused module, minus PrimFuncs apq already scheduled by hand."""
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
+
+    def scheduled(task: Any) -> bool:
+        attrs = task.dispatched[0]["main"].attrs
+        return attrs is not None and bool(attrs.get("tirx.is_scheduled", False))
+
+    return [t for t in extract_tasks(fused, target) if not scheduled(t)]
+
+
+def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None = None,
+                progress: bool = True) -> tuple[Any, TuneReport]:
+    """Tune ``mod``'s fused PrimFuncs for ``target`` into the target's database; returns (db, report).
+
+    Tasks that already have a record in the database are skipped, so recompiling a model tunes
+    nothing. ``target`` is a ``tvm.target.Target`` (LLVM CPU; candidates run on this machine).
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extracted_tasks_to_tune_contexts
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    d = database_dir(target, cache_dir)
+    with _locked(d):
+        db = open_database(target, cache_dir)
+        before = count_records(db)
+        tasks = _tasks(fused_module(mod, target), target)
+        missing = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
+        if missing and cfg.trials > 0:
+            _print(progress, f"apq-tune: {len(missing)}/{len(tasks)} tasks untuned, {cfg.trials} trials "
+                             f"-> {d}")
+            # MetaSchedule's console logger binds to sys.stdout when created: send it to stderr so
+            # stdout stays machine-readable (`apq compile --json`, bench --json)
+            with tempfile.TemporaryDirectory(prefix="apq-tune-") as logs, contextlib.redirect_stdout(sys.stderr):
+                # the first TuneContext imports tvm.s_tir.tensor_intrin (~250 TVMScript functions,
+                # ~30 s on a loaded 2-core machine): a fixed cost of the first tune in a process
+                contexts, weights = extracted_tasks_to_tune_contexts(
+                    missing, logs, strategy=_search_strategy(cfg), seed=cfg.seed, num_threads=cfg.max_workers)
+                budget, per_iter = trial_budget(cfg.trials, len(contexts))
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=logs,
+                              max_trials_global=budget, num_trials_per_iter=per_iter,
+                              builder=ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s,
+                                                              max_workers=cfg.max_workers),
+                              runner=ms.runner.LocalRunner(timeout_sec=60),  # one worker process
+                              database=db, cost_model="xgb")
+        after = count_records(db)
+    report = TuneReport(str(d), len(tasks), len(tasks) - len(missing),
+                        len(missing) if cfg.trials > 0 else 0, before, after, time.perf_counter() - t0)
+    _print(progress, f"apq-tune: {report.tasks} tasks ({report.cached_tasks} cached), "
+                     f"{report.new_records} new records in {report.seconds:.1f} s")
+    return db, report
+
+
+def trial_budget(trials: int, tasks: int) -> tuple[int, int]:
+    """(global trials, trials per scheduler iteration) for ``tasks`` untuned tasks.
+
+    At least one trial per task, even when ``trials`` is smaller: a task left without a record
+    would be tuned again by the next compile, so recompiling would never become free. The gradient
+    scheduler's first round gives every task one iteration of ``per_iter`` trials in turn, so
+    ``per_iter`` is rounded down: rounding up spent a 32-trial budget on 16 of 24 MobileNetV2 tasks.
+    """
+    budget = max(trials, tasks)
+    return budget, max(1, min(64, budget // max(1, tasks)))
+
+
+def tunable(spec: Any) -> bool:
+    """Tuning times candidates on this machine: only native LLVM CPU targets can be tuned here."""
+    return not spec.is_cross and spec.tvm_target.get("kind") == "llvm"
+
+
+def tune_for_target(mod: Any, spec: Any, cfg: TuneConfig, cache_dir: Path | None = None,
+                    progress: bool = True) -> tuple[Any, TuneReport]:
+    """``tune_module`` for an apq TargetSpec, refusing targets whose code cannot run here."""
+    if not tunable(spec):
+        raise InvalidInputError(f"cannot tune for target {spec.name}: MetaSchedule times candidates on this "
+                                "machine, so tuning needs a native LLVM CPU target (e.g. host)")
+    return tune_module(mod, spec.tvm(), cfg, cache_dir, progress)
+
+
+def tuned_functions(mod: Any, target: Any, db: Any) -> list[str]:
+    """Names of the fused PrimFuncs the database replaces in ``mod`` (what the build will run tuned)."""
+    from tvm import relax, tirx
+
+    fused = fused_module(mod, target)
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(fused)
+
+    def scheduled(f: Any) -> bool:
+        return isinstance(f, tirx.PrimFunc) and f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+
+    before = {gv.name_hint for gv, f in fused.functions.items() if scheduled(f)}
+    return sorted(gv.name_hint for gv, f in applied.functions.items() if scheduled(f) and gv.name_hint not in before)
+
+
+def _search_strategy(cfg: TuneConfig) -> Any:
+    """Evolutionary search sized to the budget: TVM's default population (512) costs ~30 s of
+    candidate generation per round on a loaded 2-core machine, wasted on a budget of a few trials."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = int(min(512, max(64, 8 * cfg.trials)))
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population // 2))
+
+
+def _print(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)

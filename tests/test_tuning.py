@@ -1,0 +1,176 @@
+"""MetaSchedule tuning for final artifacts (kernels/tuning.py, `apq compile --tune-trials N`).
+
+The fast tests seed a target database with one hand-written tuning record, so the cache lookup,
+the pipeline hook and the manifest are exercised without a MetaSchedule search (a real search
+costs ~90 s even for one task here; that end-to-end test is marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from apq.kernels.tuning import (
+    TuneConfig,
+    count_records,
+    database_dir,
+    fused_module,
+    open_database,
+    target_key,
+    tune_for_target,
+    trial_budget,
+    tune_module,
+    tuned_functions,
+)
+from apq.targets.registry import get_target
+from apq.toolchain.compile import CompileOptions, compile_onnx
+from apq.toolchain.errors import InvalidInputError
+
+
+def _tiny_conv(path: Path) -> Path:
+    """conv 3x3 (4->8) + bias + relu at 8x8: one fused PrimFunc, one tuning task."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "tiny_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _lowered(onnx_path: Path, spec):
+    from apq.toolchain.compile import lower_module
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+
+    model = load_onnx(onnx_path)
+    mod = import_to_relax(model, resolve_input_specs(model, {}))
+    return lower_module(mod, model, spec, CompileOptions())[0]
+
+
+def _seed_record(mod, target, cache_dir: Path) -> int:
+    """Commit one hand-made schedule (split + parallel outer loop) for every task of ``mod``."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import meta_schedule as ms
+
+    db = open_database(target, cache_dir)
+    fused = fused_module(mod, target)
+    n = 0
+    for gv, func in fused.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        task_mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        workload = db.commit_workload(task_mod)
+        sch = Schedule(task_mod)
+        sch.parallel(sch.get_loops(_first_block(sch))[1])
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs=[1e-5], target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])))
+        n += 1
+    return n
+
+
+def _first_block(sch):
+    """The first block with loops (pad or conv): a hand schedule only needs a loop to parallelize."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if len(sch.get_loops(block)) >= 2:
+            return block
+    raise AssertionError("no loop nest")
+
+
+def test_configs_round_trip_json():
+    cfg = TuneConfig(trials=32, max_workers=1, seed=3)
+    assert TuneConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    opts = CompileOptions(target="host", tune_trials=8)
+    assert CompileOptions.from_json(json.loads(json.dumps(opts.to_json()))) == opts
+    old = opts.to_json()
+    del old["tune_trials"]  # manifests written before tuning existed
+    assert CompileOptions.from_json(old).tune_trials == 0
+
+
+def test_database_dir_is_per_target_and_honours_apq_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path))
+    host, arm = get_target("host"), get_target("raspberry-pi/4b-aarch64")
+    assert database_dir(host) == tmp_path / "tuning" / target_key(host)
+    assert target_key(host) != target_key(arm)
+    assert target_key(host) == target_key(host.tvm())  # same key from the spec or the TVM Target
+    assert open_database(host, create=False) is None  # nothing created by looking
+
+
+def test_trial_budget_gives_every_task_a_trial():
+    assert trial_budget(4, 1) == (4, 4)
+    assert trial_budget(32, 40) == (40, 1)  # never leave a task without a record
+    assert trial_budget(32, 24) == (32, 1)  # the first round reaches all 24 tasks
+    assert trial_budget(64, 16) == (64, 4)
+    assert trial_budget(1000, 2) == (1000, 64)
+
+
+def test_refuses_cross_targets_and_negative_trials(tmp_path):
+    with pytest.raises(InvalidInputError, match="cannot tune"):
+        tune_for_target(None, get_target("raspberry-pi/4b-aarch64"), TuneConfig(trials=4), tmp_path)
+    with pytest.raises(InvalidInputError, match=">= 0"):
+        tune_module(None, get_target("host").tvm(), TuneConfig(trials=-1), tmp_path)
+
+
+def test_cached_records_are_applied_and_no_new_trials_run(tmp_path, monkeypatch):
+    """A database that covers every task: tune_module runs nothing, the build uses the record,
+    and the artifact still matches onnxruntime."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    spec = get_target("host")
+    onnx_path = _tiny_conv(tmp_path / "tiny.onnx")
+    mod = _lowered(onnx_path, spec)
+    target = spec.tvm()
+    assert _seed_record(mod, target, None) >= 1
+    db, report = tune_module(mod, target, TuneConfig(trials=4), progress=False)
+    assert report.tasks >= 1 and report.cached_tasks == report.tasks and report.new_records == 0
+    assert tuned_functions(mod, target, db)  # the record replaces a fused PrimFunc
+
+    res = compile_onnx(onnx_path, "host", tmp_path / "tuned.apq", options=CompileOptions(tune_trials=4))
+    tuning = res.manifest["compile"]["tuning"]
+    assert tuning["new_records"] == 0 and tuning["tuned_functions"]
+    assert res.manifest["compile"]["options"]["tune_trials"] == 4
+    ver = verify_artifact(open_artifact(res.artifact_path), onnx_path)
+    assert ver.passed, ver.to_json()
+
+
+def test_untuned_compile_does_not_touch_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    res = compile_onnx(_tiny_conv(tmp_path / "tiny.onnx"), "host", tmp_path / "plain.apq")
+    assert "tuning" not in res.manifest["compile"]
+    assert not (tmp_path / "cache" / "tuning").exists()
+
+
+@pytest.mark.slow
+def test_cli_tune_trials_end_to_end(tmp_path, monkeypatch, capsys):
+    """`apq compile --tune-trials 4 --verify`: a real search (~1.5-2 min here), records on disk,
+    parity with onnxruntime; the second compile reuses the records (zero new trials)."""
+    from apq.toolchain.cli import compile_main
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    onnx_path = _tiny_conv(tmp_path / "tiny.onnx")
+    argv = [str(onnx_path), "--tune-trials", "4", "--verify", "--json", "-o", str(tmp_path / "t.apq")]
+    assert compile_main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["tuning"]["new_records"] >= 1 and first["tuning"]["tuned_functions"]
+    db = open_database(get_target("host"), create=False)
+    assert db is not None and count_records(db) >= 1
+    records = count_records(db)
+    assert first["verify"]["passed"]
+
+    assert compile_main(argv) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["verify"]["passed"] and second["tuning"]["new_records"] == 0
+    assert count_records(open_database(get_target("host"), create=False)) == records  # no new trials
