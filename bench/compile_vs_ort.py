@@ -19,20 +19,12 @@ from pathlib import Path
 import numpy as np
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],
                 cfg, work: Path) -> list[dict]:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import compile_onnx
     from apq.toolchain.profile import measure, profile_library
+    from apq.toolchain.verify import ort_session
 
     res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}.apq")
     art = open_artifact(res.artifact_path)

@@ -84,15 +84,6 @@ def export(precision: str, resolution: int, work: Path) -> Path:
                        quantized=precision != "float")
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def time_apq(onnx_path: Path, out: Path, threads: int, cfg, options=None) -> tuple[Any, Any, float]:
     """(LatencyStats, loaded artifact, compile seconds) of apq-compiling ``onnx_path`` for the host."""
     from apq.toolchain.artifact import open_artifact
@@ -107,6 +98,7 @@ def time_apq(onnx_path: Path, out: Path, threads: int, cfg, options=None) -> tup
 
 def time_ort(onnx_path: Path, art, threads: int, cfg):
     from apq.toolchain.profile import measure
+    from apq.toolchain.verify import ort_session
 
     sess = ort_session(onnx_path, threads)
     feed = {art.input_specs[0].name: art.random_inputs(0)[0]}

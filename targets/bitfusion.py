@@ -76,7 +76,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from apq.targets.layers import LayerShape
+from apq.targets.layers import LayerShape, check_json_fields
 from apq.toolchain.errors import InvalidInputError
 
 MODEL_NAME = "bitfusion-analytic-v1"
@@ -159,12 +159,7 @@ class BitFusionConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BitFusionConfig":
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"a BitFusion config must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InvalidInputError(f"unknown BitFusion config field(s): {', '.join(unknown)}")
+        check_json_fields(cls, data, "BitFusion config")
         return cls(**data)
 
     def dumps(self) -> str:

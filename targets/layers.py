@@ -18,6 +18,16 @@ from typing import Any, Iterable
 
 from apq.toolchain.errors import InvalidInputError
 
+def check_json_fields(cls: type, data: Any, what: str) -> None:
+    """Refuse a JSON value that is not an object or names fields the dataclass ``cls`` lacks
+    (a typo in a config file must be an error, not a silently ignored key)."""
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"a {what} must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InvalidInputError(f"unknown {what} field(s): {', '.join(unknown)}")
+
+
 LAYER_OPS: tuple[str, ...] = ("conv", "dwconv", "dense")
 MIN_BITS, MAX_BITS = 1, 16
 
@@ -125,12 +135,7 @@ class LayerShape:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LayerShape":
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"a layer must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InvalidInputError(f"unknown layer field(s): {', '.join(unknown)}")
+        check_json_fields(cls, data, "layer")
         try:
             return cls(**data)
         except TypeError as exc:  # missing required fields

@@ -20,6 +20,7 @@ def test_eval_subnet_json_interface(capsys):
     rep = json.loads(capsys.readouterr().out)
     assert {"top1", "split", "config", "bits", "checkpoint"} <= set(rep)
     assert rep["split"] == "test" and rep["bits"] == "W8A8" and rep["samples"] == 300
+    assert rep["source"] == "measured"
     assert 0.5 < rep["top1"] <= 1.0  # a trained network, far above chance (0.1)
     assert len(rep["checkpoint"]) == 64
 

@@ -23,7 +23,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({k: v for k, v in rep.items() if k != "profile_host_text"})
     else:
-        print(f"model: {rep['model']['onnx']} ({rep['model']['source']})")
+        print(f"model: {rep['model']['onnx']} ({rep['model']['description']})")
         for t, c in rep["compile"].items():
             v = rep["verify"].get(t, {})
             status = v.get("skipped") or ("PASS" if v.get("passed") else "FAIL")

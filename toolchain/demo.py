@@ -57,7 +57,7 @@ def _make_model(out: Path, seed: int) -> dict[str, Any]:
 
     fp = mobilenetv2_onnx(out / "model_float.onnx", resolution=32, width=0.5, seed=seed)
     q = quantize_qdq(fp, out / "model.onnx", per_channel=True)
-    return {"onnx": str(q), "source": "example MobileNetV2-style (random weights), int8 QDQ via onnxruntime"}
+    return {"onnx": str(q), "description": "example MobileNetV2-style (random weights), int8 QDQ via onnxruntime"}
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:

@@ -57,13 +57,13 @@ class VerifyReport:
         return d
 
 
-def onnxruntime_outputs(onnx_path: str | Path, input_names: list[str], inputs: list[np.ndarray],
-                        threads: int = 1, reference_semantics: bool = True) -> list[np.ndarray]:
-    """onnxruntime's outputs. With ``reference_semantics`` graph optimizations are off, so QDQ
-    runs as the ONNX spec defines it (dequantize -> float op -> quantize); ORT's optimized path
-    fuses QDQ into QLinearConv, whose different requantization rounding flips LSBs (measured:
-    optimized vs unoptimized ORT differ by 2 output steps on an int8 MobileNetV2 for some inputs,
-    while apq matched unoptimized ORT exactly)."""
+def ort_session(onnx_path: str | Path, threads: int = 1, reference_semantics: bool = False):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (benchmarks compare at equal
+    threads). With ``reference_semantics`` graph optimizations are off, so QDQ runs as the ONNX
+    spec defines it (dequantize -> float op -> quantize); ORT's optimized path fuses QDQ into
+    QLinearConv, whose different requantization rounding flips LSBs (measured: optimized vs
+    unoptimized ORT differ by 2 output steps on an int8 MobileNetV2 for some inputs, while apq
+    matched unoptimized ORT exactly)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -71,7 +71,13 @@ def onnxruntime_outputs(onnx_path: str | Path, input_names: list[str], inputs: l
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_outputs(onnx_path: str | Path, input_names: list[str], inputs: list[np.ndarray],
+                        threads: int = 1, reference_semantics: bool = True) -> list[np.ndarray]:
+    """onnxruntime's outputs, by default with the operators' reference semantics (see ort_session)."""
+    sess = ort_session(onnx_path, threads, reference_semantics)
     return sess.run(None, dict(zip(input_names, inputs)))
 
 

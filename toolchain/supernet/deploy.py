@@ -34,12 +34,14 @@ class ExportedSubnet:
     bits: str
     input_shape: list[int]
     qat_steps: int
-    top1: float | None
+    top1: float | None  # measured on `split` (None when not evaluated)
     split: str | None
     checkpoint_sha256: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["top1_source"] = "measured" if self.top1 is not None else None
+        return d
 
 
 def export_subnet(out_path: str | Path, checkpoint: str | Path | None = None, config: str = "largest",
@@ -80,7 +82,7 @@ def export_demo_subnet(out_dir: Path, seed: int = 0) -> dict[str, Any] | None:
     res = export_subnet(out_dir / "model.onnx", DEFAULT_CHECKPOINT, config="largest", bits="W4A4",
                         evaluate_split="test", eval_subset=2000)
     info = res.to_json()
-    info["source"] = (f"subnet {res.config} of the checked-in Fashion-MNIST supernet, {res.bits}, "
+    info["description"] = (f"subnet {res.config} of the checked-in Fashion-MNIST supernet, {res.bits}, "
                       f"top-1 {100 * res.top1:.2f}% on {res.split} (first 2000)")
     (out_dir / "subnet.json").write_text(json.dumps(info, indent=2))
     return info

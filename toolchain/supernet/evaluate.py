@@ -108,7 +108,7 @@ class SubnetEvaluator:
         t0 = time.perf_counter()
         net = self.prepare(cfg)
         acc, n = top1(net, self.loaders[split], progress)
-        return {"top1": acc, "split": split, "samples": n, "config": cfg.to_dict(), "config_string": cfg.to_string(),
+        return {"top1": acc, "source": "measured", "split": split, "samples": n, "config": cfg.to_dict(), "config_string": cfg.to_string(),
                 "bits": bits_label(cfg), "checkpoint": self.sha256, "calib_batches": self.calib_batches,
                 "act_clips_calibrated": self.calibrate_act_clips, "seconds": time.perf_counter() - t0}
 
