@@ -103,13 +103,18 @@ def test_quantized_false_exports_float_weights_of_a_quantized_net(qnet: StaticNe
     assert "apq.bits" not in props and "apq.qdq_convention" not in props
 
 
-def test_quantized_export_matches_torch_within_one_step(qnet: StaticNet, qmodel: onnx.ModelProto) -> None:
-    # one step of every classifier input moves a logit by at most s_in * ||W_row||_1
-    w = qnet.classifier.linear.weight.detach()
+def one_step_tolerance(net: StaticNet) -> float:
+    """One quantization step of the logits: a step of every classifier input moves a logit by at
+    most s_in * ||W_row||_1 (shared with tests/test_int4_onnx.py)."""
     from apq.toolchain.supernet.qlayers import fake_quant_weight
 
-    s_in = float(qnet.classifier.act_quant.scale(qnet.classifier.a_bits))
-    tol = s_in * float(fake_quant_weight(w, qnet.classifier.w_bits).abs().sum(dim=1).max())
+    w = net.classifier.linear.weight.detach()
+    s_in = float(net.classifier.act_quant.scale(net.classifier.a_bits))
+    return s_in * float(fake_quant_weight(w, net.classifier.w_bits).abs().sum(dim=1).max())
+
+
+def test_quantized_export_matches_torch_within_one_step(qnet: StaticNet, qmodel: onnx.ModelProto) -> None:
+    tol = one_step_tolerance(qnet)
     ref_sess, opt_sess = _session(qmodel), _session(qmodel, optimize=True)
     xs = _inputs(6)
     agree = 0

@@ -86,6 +86,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     _eval_args(p)
     p.add_argument("-o", "--output", required=True, help="ONNX file to write (apq QDQ convention)")
     p.add_argument("--qat-steps", type=int, default=0, help="short QAT fine-tune with the bit policy first")
+    p.add_argument("--qdq-format", default="apq",
+                   help="apq: 8-bit containers + Clip (default); onnx-int4: opset-21 INT4/UINT4 QDQ for <= 4-bit "
+                        "layers (docs/qdq_convention.md)")
 
 
 @command("export-subnet", "extract a subnet with its bit policy and export it as QDQ ONNX", _export_args)
@@ -93,10 +96,10 @@ def cmd_export_subnet(args: argparse.Namespace) -> int:
     from apq.toolchain.supernet.deploy import export_subnet
 
     rep = export_subnet(args.output, args.checkpoint, args.config, args.bits, args.qat_steps, args.split,
-                        args.eval_subset, args.data)
+                        args.eval_subset, args.data, qdq_format=args.qdq_format)
     if args.json:
         _print_json(rep.to_json())
     else:
         acc = f", top-1 {100 * rep.top1:.2f}% on {rep.split}" if rep.top1 is not None else ""
-        print(f"wrote {rep.onnx} ({rep.config} {rep.bits}{acc})")
+        print(f"wrote {rep.onnx} ({rep.config} {rep.bits}, QDQ format {rep.qdq_format}{acc})")
     return 0

@@ -37,7 +37,13 @@ class TensorSpec:
 
 
 def load_onnx(path: str | Path):
-    """Load and check an ONNX file; any failure is an UnsupportedModelError/InvalidInputError."""
+    """Load and check an ONNX file; any failure is an UnsupportedModelError/InvalidInputError.
+
+    INT4/UINT4 QDQ tensors (opset 21) are rewritten here into apq's 8-bit-container convention
+    (:func:`apq.toolchain.int4_onnx.rewrite_int4_qdq`, numerically identical), because TVM's
+    importer cannot read 4-bit tensors and everything downstream (Relax import, QDQ lowering,
+    bit-width report, verify tolerances) works on the returned model.
+    """
     import onnx
 
     p = Path(path)
@@ -60,6 +66,12 @@ def load_onnx(path: str | Path):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"{p}: invalid ONNX model: {first}") from None
+    from apq.toolchain.int4_onnx import rewrite_int4_qdq
+
+    try:
+        model, _ = rewrite_int4_qdq(model)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{p}: {e}") from None
     return model
 
 

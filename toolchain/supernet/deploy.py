@@ -37,6 +37,7 @@ class ExportedSubnet:
     top1: float | None  # measured on `split` (None when not evaluated)
     split: str | None
     checkpoint_sha256: str
+    qdq_format: str = "apq"  # apq.toolchain.supernet.export.QDQ_FORMATS key
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -46,14 +47,20 @@ class ExportedSubnet:
 
 def export_subnet(out_path: str | Path, checkpoint: str | Path | None = None, config: str = "largest",
                   bits: str = "W8A8", qat_steps: int = 0, evaluate_split: str | None = "test",
-                  eval_subset: int | None = 2000, data: str | None = None) -> ExportedSubnet:
-    """Extract ``config`` with ``bits`` from the supernet, calibrate, optionally QAT, export QDQ ONNX."""
+                  eval_subset: int | None = 2000, data: str | None = None,
+                  qdq_format: str = "apq") -> ExportedSubnet:
+    """Extract ``config`` with ``bits`` from the supernet, calibrate, optionally QAT, export QDQ ONNX.
+
+    ``qdq_format``: ``"apq"`` (8-bit containers, the default) or ``"onnx-int4"`` (opset-21
+    INT4/UINT4 tensors for <= 4-bit layers); apq-compile reads both to the same kernels.
+    """
     import torch
 
     from apq.toolchain.supernet.evaluate import (SubnetEvaluator, apply_bits, bits_label, qat_finetune,
                                                  resolve_bits, resolve_config, top1)
-    from apq.toolchain.supernet.qlayers import export_onnx
+    from apq.toolchain.supernet.export import export_onnx, get_qdq_format
 
+    get_qdq_format(qdq_format)  # fail before the expensive steps
     ck = Path(checkpoint) if checkpoint else default_checkpoint()
     ev = SubnetEvaluator(ck, data, eval_subset=eval_subset)
     cfg = apply_bits(resolve_config(ev.space, config), resolve_bits(bits))
@@ -69,9 +76,9 @@ def export_subnet(out_path: str | Path, checkpoint: str | Path | None = None, co
     shape = tuple(ev.space.input_shape(1)) if hasattr(ev.space, "input_shape") else \
         (1, ev.space.in_channels, ev.space.image_size, ev.space.image_size)
     quantized = bits_label(cfg) != "float"
-    out = export_onnx(net, out_path, shape, quantized=quantized)
+    out = export_onnx(net, out_path, shape, quantized=quantized, qdq_format=qdq_format)
     return ExportedSubnet(str(out), cfg.to_string(), bits_label(cfg), list(shape), qat_steps, acc,
-                          evaluate_split, ev.sha256)
+                          evaluate_split, ev.sha256, qdq_format)
 
 
 def export_demo_subnet(out_dir: Path, seed: int = 0) -> dict[str, Any] | None:
