@@ -22,6 +22,10 @@ import numpy as np
 from apq.toolchain.errors import ArtifactError, InvalidInputError
 from apq.toolchain.onnx_import import TensorSpec, random_inputs
 
+#: Bumped only when a reader of the previous version would misread or fail on a new artifact
+#: (a field removed, renamed or changing meaning). New optional fields keep it: readers look
+#: fields up by key, ignore the rest, and treat a missing optional field as unknown (e.g.
+#: ``layers[*].impl``, the instruction path each layer runs, added within version 1).
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"

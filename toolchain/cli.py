@@ -105,10 +105,13 @@ def _print_layers(layers: list[dict]) -> None:
         return
     from collections import Counter
 
-    counts = Counter((lay["kernel"], lay["weight_bits"], lay["activation_bits"]) for lay in layers)
-    print("executed kernels (kernel, weight bits, activation bits): count")
-    for (kernel, wb, ab), n in sorted(counts.items()):
-        print(f"  {kernel:<48} W{wb:<2} A{ab:<2} x{n}")
+    # impl: the instruction path read from the scheduled TIR (toolchain/kernel_impl.py); absent in
+    # manifests written before it existed
+    counts = Counter((lay["kernel"], lay.get("impl") or "-", lay["weight_bits"], lay["activation_bits"])
+                     for lay in layers)
+    print("executed kernels (kernel, instruction path, weight bits, activation bits): count")
+    for (kernel, impl, wb, ab), n in sorted(counts.items()):
+        print(f"  {kernel:<40} {impl:<18} W{wb:<2} A{ab:<2} x{n}")
 
 
 def compile_main(argv: list[str] | None = None) -> int:

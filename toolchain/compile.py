@@ -3,7 +3,9 @@
 Pipeline: load + check ONNX -> resolve static input shapes -> Relax ONNX frontend ->
 QDQ lowering to integer kernels (when the model is quantized) -> DecomposeOpsForInference ->
 ``tvm.compile`` for the target's JSON target -> export the VM executable as a shared library
-(cross-compiled for ARM boards) -> artifact with a manifest of what actually executes.
+(cross-compiled for ARM boards) -> artifact with a manifest of what actually executes:
+per layer the bit-widths (toolchain/layers.py, before scheduling) and the instruction path
+its compiled kernel uses (``impl``, toolchain/kernel_impl.py, read from the scheduled TIR).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from apq.targets.registry import TargetSpec, get_target
 from apq.toolchain.artifact import LIBRARY, write_artifact
 from apq.toolchain.bitserial_lowering import BitserialPolicy, lower_bitserial, name_bitserial_layers, supports_target
 from apq.toolchain.errors import ApqError
+from apq.toolchain.kernel_impl import KernelCall, attach_impls
 from apq.toolchain.onnx_import import (
     TensorSpec,
     import_to_relax,
@@ -129,12 +133,22 @@ def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path
 
     ``database``: optional MetaSchedule records (``tune_library``) applied before apq's schedules.
     """
-    import tvm
+    return build_library_traced(mod, target, out_dir, database)[0]
 
+
+def build_library_traced(mod, target: TargetSpec, out_dir: Path,
+                         database=None) -> "tuple[Path, list[KernelCall]]":
+    """:func:`build_library`, also returning which instruction path each layer's kernel uses.
+
+    The calls come from the scheduled module that code generation received
+    (toolchain/kernel_impl.py); pair them with layer records by ``attach_impls``.
+    """
     from apq.kernels.pipeline import compile_relax  # apq's CPU schedules (kernels/cpu_schedules.py)
+    from apq.toolchain.kernel_impl import capture_scheduled, kernel_calls
 
     try:
-        ex = compile_relax(mod, target.tvm(), database=database)
+        with capture_scheduled() as scheduled:
+            ex = compile_relax(mod, target.tvm(), database=database)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise ApqError(f"TVM failed to compile for {target.name}: {msg}") from None
@@ -150,7 +164,12 @@ def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path
         ex.export_library(str(lib), fcompile=cc.cross_compiler(target.cross_compiler))
     else:
         ex.export_library(str(lib))
-    return lib
+    try:
+        calls = kernel_calls(scheduled.module) if scheduled.module is not None else []
+    except Exception as e:  # an inspection bug must not fail a good build: layers then say "unknown"
+        warnings.warn(f"could not read kernel implementations from the scheduled TIR: {e}", stacklevel=2)
+        calls = []
+    return lib, calls
 
 
 def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
@@ -203,7 +222,8 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
     steps.update(1)
     database, tuning = tune_library(mod, spec, options.tune_trials, progress)
     with tempfile.TemporaryDirectory(prefix="apq-build-") as tmp:
-        lib = build_library(mod, spec, Path(tmp), database)
+        lib, calls = build_library_traced(mod, spec, Path(tmp), database)
+        layers = attach_impls(layers, calls)
         steps.update(1)
         compile_s = time.perf_counter() - t0
         manifest: dict[str, Any] = {

@@ -12,13 +12,17 @@ Bit-widths below 8 are not visible in dtypes (apq stores 2/4-bit values in int8
 containers), so they come from the IR itself (the ``clip`` that bounds an activation) and,
 for weights, from a module attribute that ``lower_qdq`` writes, keyed by a fingerprint of
 the weight constant's values (Relax variable names do not survive import, values do).
+
+Which instruction path a layer's kernel takes (VNNI, sdot, bit-serial popcount, a generic
+loop nest) is decided by scheduling, after this walk: :mod:`apq.toolchain.kernel_impl` reads
+it from the scheduled TIR and fills :attr:`LayerRecord.impl`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -49,13 +53,19 @@ class LayerRecord:
     #: layer geometry for cost models (apq.targets.layers.LayerShape fields without bits):
     #: op conv|dwconv|dense, in_ch, out_ch, kernel, stride, in_h, in_w, groups, batch.
     geometry: dict[str, Any] | None = None
+    #: instruction path the compiled kernel really uses, read from the scheduled TIR by
+    #: :mod:`apq.toolchain.kernel_impl` (a key of its ``IMPLS``: "avx512-vnni", "neon-sdot",
+    #: "bitserial-popcount", "generic", "int-fp32acc", "float", "unknown"); None before compiling.
+    impl: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "LayerRecord":
-        return cls(**d)
+        """Unknown keys are ignored: a manifest from a newer apq with extra per-layer fields still loads."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @property
     def is_integer(self) -> bool:
