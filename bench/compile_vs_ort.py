@@ -6,6 +6,15 @@ threads, apq_ms, ort_ms, speedup (= ort_ms / apq_ms, > 1 means apq is faster), c
 Both sides are timed in this one process by the same protocol (apq.toolchain.profile.measure:
 warm-up, repeat until a minimum time, median), so the ratio is meaningful even when the
 machine is loaded; absolute numbers are not.
+
+``--clock thread`` times single-threaded runs by the calling thread's CPU time
+(``time.thread_time``) instead of wall time. Why: on a shared 2-core machine (other jobs,
+a training run) a wall-clock sample includes whole scheduler slices of other processes, and
+the two sides are timed one after the other, so the load can change between them (measured:
+the same build read 1.09x by wall clock and 0.75x by thread CPU time, minutes apart). Both
+apq (TVM runs a 1-thread pool on the calling thread) and onnxruntime (intra-op threads = 1)
+compute on the calling thread, so its CPU time is the compute time, preemption excluded.
+Multi-threaded runs always use wall time (work on other threads is not in the caller's).
 """
 
 from __future__ import annotations
@@ -14,16 +23,36 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 
+#: name -> clock function for single-threaded runs (see the module docstring).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _apq_runner(lib_path: Path, inputs: list[np.ndarray], threads: int):
+    """The compiled model's ``main`` with its inputs bound (no per-call marshalling), as in
+    apq.toolchain.profile.profile_library, so it can be timed with any clock."""
+    import tvm
+    from tvm import relax
+
+    from apq.toolchain.profile import set_runtime_threads
+
+    set_runtime_threads(threads)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
+    vm.save_function("main", "__bench", *[tvm.runtime.tensor(a, dev) for a in inputs])
+    return vm["__bench"]
+
+
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],
-                cfg, work: Path) -> list[dict]:
+                cfg, work: Path, clock: str = "wall") -> list[dict]:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import compile_onnx
-    from apq.toolchain.profile import measure, profile_library
+    from apq.toolchain.profile import measure
     from apq.toolchain.verify import ort_session
 
     res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}.apq")
@@ -32,15 +61,18 @@ def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, thr
     kernels = sorted({lay["kernel"] for lay in art.manifest["layers"]})
     records = []
     for threads in threads_list:
-        apq = profile_library(art.lib_path, x, threads, cfg, per_layer=False).e2e
+        used = clock if threads == 1 else "wall"
+        run = _apq_runner(art.lib_path, x, threads)
+        apq = measure(run, cfg, threads=threads, clock=CLOCKS[used])
         sess = ort_session(onnx_path, threads)
         feed = {art.input_specs[0].name: x[0]}
-        ort = measure(lambda: sess.run(None, feed), cfg, threads=threads)
+        ort = measure(lambda: sess.run(None, feed), cfg, threads=threads, clock=CLOCKS[used])
         records.append({"model": name, "precision": precision, "resolution": resolution, "threads": threads,
                         "batch": 1, "apq_ms": round(apq.median_ms, 4), "ort_ms": round(ort.median_ms, 4),
                         "speedup": round(ort.median_ms / apq.median_ms, 4), "compile_s": round(res.compile_s, 2),
-                        "apq_kernels": kernels, "source": "measured", "device": apq.device})
-        print(f"# {name} {precision} {resolution}px {threads}t: apq {apq.median_ms:.3f} ms, "
+                        "apq_kernels": kernels, "source": "measured", "device": apq.device,
+                        "clock": "thread-cpu" if used == "thread" else "wall"})
+        print(f"# {name} {precision} {resolution}px {threads}t ({used} clock): apq {apq.median_ms:.3f} ms, "
               f"ort {ort.median_ms:.3f} ms, speedup {ort.median_ms / apq.median_ms:.3f}", file=sys.stderr)
     return records
 
@@ -55,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=float, default=1.0, help="MobileNetV2 width multiplier")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="clock for 1-thread runs: wall, or the thread's CPU time (robust on a loaded machine)")
     args = ap.parse_args(argv)
     cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=5)
     records: list[dict] = []
@@ -63,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in args.resolutions:
             fp = mobilenetv2_onnx(work / f"mbv2_{r}.onnx", resolution=r, width=args.width, classes=1000 if r >= 224 else 10)
             q = quantize_qdq(fp, work / f"mbv2_{r}_int8.onnx", per_channel=True)
-            records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work)
-            records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work)
+            records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock)
+            records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock)
     if args.json:
         print(json.dumps(records, indent=2))
     else:

@@ -5,6 +5,7 @@ QDQ natively), with graph optimizations off (the operators' own semantics)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -132,7 +133,8 @@ def test_compiled_int4_conv_matches_onnxruntime(hand_built: Path, tmp_path: Path
     res = compile_onnx(hand_built, "host", tmp_path / "hand.apq")
     layers = res.manifest["layers"]
     assert [(lay["weight_bits"], lay["activation_bits"]) for lay in layers] == [(4, 4), (4, 4)]
-    assert all("int32" in lay["kernel"] for lay in layers)  # integer kernels, not fake quant
+    # integer operands (int32 accumulation, or float32 accumulation proven exact), never fake quant
+    assert all(re.search(r"int8xu?int8->(int32|float32)$", lay["kernel"]) and lay["impl"] != "float" for lay in layers)
     rep = verify_artifact(open_artifact(res.artifact_path), hand_built)
     assert rep.passed and rep.max_abs_err < 1e-5, rep.to_json()  # measured 3e-8
 
@@ -267,7 +269,8 @@ def test_w4a4_subnet_int4_compiles_to_4bit_integer_layers(w4a4_file: Path, tmp_p
     bits = {lay["name"]: (lay["weight_bits"], lay["activation_bits"]) for lay in res.manifest["layers"]}
     assert sum(b == (4, 4) for b in bits.values()) == 18
     assert bits["stem.weight_q"] == bits["head.weight_q"] == bits["classifier.weight_q"] == (8, 8)
-    assert all("int32" in lay["kernel"] for lay in res.manifest["layers"])
+    # integer operands (int32 accumulation, or float32 accumulation proven exact), never fake quant
+    assert all(re.search(r"int8xu?int8->(int32|float32)$", lay["kernel"]) and lay["impl"] != "float" for lay in res.manifest["layers"])
     rep = verify_artifact(open_artifact(res.artifact_path), w4a4_file)  # ORT on the INT4 file itself
     assert rep.passed and rep.argmax_agreement == 1.0, rep.to_json()  # measured max err 1e-6
 

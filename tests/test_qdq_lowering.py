@@ -287,3 +287,98 @@ def test_int8_pointwise_inputs_rebiased_to_uint8_are_exact(tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
     assert "conv2d.uint8xint8->int32" not in kernels[0]
     assert kernels[1].count("conv2d.uint8xint8->int32") >= 5  # the pointwise convs
+
+
+# --------------------------------------------------------------------------- float accumulation
+
+
+def test_float_accumulation_bound_uses_the_actual_weights():
+    """The exactness bound xmax * max_c sum|w[c]| <= 2^24, checked at its edge."""
+    from apq.toolchain.qdq_lowering import F32_EXACT_INT, float_accumulation_is_exact
+
+    assert float_accumulation_is_exact(np.full((8, 1, 3, 3), -128, np.int8), "uint8")  # 9*128*255
+    assert float_accumulation_is_exact(np.full((4, 3, 7, 7), -128, np.int8), "uint8")  # 147*128*255
+    edge = np.full((2, 1024, 1, 1), -128, np.int8)  # 1024 * 128 * 128 == 2^24 exactly: still exact
+    assert 1024 * 128 * 128 == F32_EXACT_INT and float_accumulation_is_exact(edge, "int8")
+    over = np.concatenate([edge, np.ones((2, 1, 1, 1), np.int8)], axis=1)  # one more unit: not
+    assert not float_accumulation_is_exact(over, "int8")
+    assert not float_accumulation_is_exact(np.full((2, 600, 3, 3), -128, np.int8), "uint8")
+    assert float_accumulation_is_exact(np.ones((2, 600, 3, 3), np.int8), "uint8")  # small weights pass
+    assert not float_accumulation_is_exact(np.ones((2, 1, 3, 3), np.int8), "int32")
+
+
+def _float_acc_conv(x_shape, w: np.ndarray, stride: int, groups: int):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(x_shape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=1, groups=groups,
+                                           out_dtype="float32"))
+            y = bb.emit_output(bb.emit(relax.op.astype(y, "int32")))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _int_conv_reference(x: np.ndarray, w: np.ndarray, stride: int, groups: int) -> np.ndarray:
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    oc, icg, kh, kw = w.shape
+    oh, ow = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
+    out = np.zeros((1, oc, oh, ow), np.int64)
+    for o in range(oc):
+        g = o // (oc // groups)
+        for i in range(icg):
+            for r in range(kh):
+                for c in range(kw):
+                    out[0, o] += w[o, i, r, c] * xp[0, g * icg + i, r:r + stride * oh:stride, c:c + stride * ow:stride]
+    return out
+
+
+@pytest.mark.parametrize("channels,groups,stride", [(16, 16, 1), (16, 16, 2), (3, 1, 2)])
+def test_float_accumulated_int8_convs_are_exact_at_the_extremes(channels, groups, stride):
+    """u8 x s8 KxK convs accumulated in float32 by apq's schedules give the int32 sums exactly,
+    for the largest sums 8-bit operands allow (x = 255, w = -128 / 127)."""
+    from apq.kernels.pipeline import compile_relax
+
+    rng = np.random.default_rng(channels + stride)
+    oc = channels if groups > 1 else 32
+    w = rng.choice(np.array([-128, 127], np.int8), (oc, channels // groups, 3, 3))
+    w[0] = -128  # one channel at the worst case
+    x = np.where(rng.random((1, channels, 20, 20)) < 0.9, 255, rng.integers(0, 256, (1, channels, 20, 20)))
+    x = x.astype(np.uint8)
+    vm = relax.VirtualMachine(compile_relax(_float_acc_conv(x.shape, w, stride, groups), get_target("host").tvm()),
+                              tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, _int_conv_reference(x, w, stride, groups))
+
+
+def test_float_accumulation_past_the_bound_would_not_be_exact():
+    """Negative control: the same float kernel with sums far above 2^24 rounds, so the bound
+    (and the exactness test above) is not vacuous."""
+    from apq.kernels.pipeline import compile_relax
+    from apq.toolchain.qdq_lowering import float_accumulation_is_exact
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(100, 128, (2, 1200, 3, 3)).astype(np.int8)
+    assert not float_accumulation_is_exact(w, "uint8")
+    x = rng.integers(200, 256, (1, 1200, 4, 4)).astype(np.uint8)
+    vm = relax.VirtualMachine(compile_relax(_float_acc_conv(x.shape, w, 1, 1), get_target("host").tvm()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    assert np.any(got != _int_conv_reference(x, w, 1, 1))
+
+
+def test_lowering_accumulates_kxk_convs_in_float_only_when_asked_and_stays_exact(tmp_path):
+    """float_accumulation: KxK convs (stem, depthwise) get float32 accumulators, 1x1 convs keep
+    int32; the model's outputs are identical to the all-int32 lowering."""
+    model = _ort_qdq(tmp_path, True, QuantType.QUInt8)
+    xs = _inputs(3)
+    outs, kernels = [], []
+    for flag in (False, True):
+        lowered = lower_qdq(_import(model), read_bits_hint(model), float_accumulation=flag)
+        kernels.append([(r.kernel, r.weight_bits, r.activation_bits) for r in describe_layers(lowered)])
+        outs.append(_run_tvm(lowered, xs))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    assert all(k.endswith("->int32") for k, _, _ in kernels[0])
+    assert [k for k, _, _ in kernels[1]][:2] == ["conv2d.uint8xint8->float32"] * 2  # stem, depthwise
+    assert kernels[1][2][0] == "conv2d.uint8xint8->int32"  # the 1x1 conv
+    assert [(w, a) for _, w, a in kernels[0]] == [(w, a) for _, w, a in kernels[1]]  # still 8-bit layers

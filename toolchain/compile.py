@@ -108,7 +108,10 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # u8 x s8 is what VNNI's vpdpbusd multiplies: re-bias int8 pointwise inputs (exact). Not with
         # bit-serial lowering, which needs zero-point-0 activations.
         vnni = "avx512vnni" in target.features and not bitserial
-        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni)
+        # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
+        # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
+        # whole model 0.71x -> 0.83x of onnxruntime. 1x1 convs stay int32 for VNNI.
+        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni, float_accumulation=vnni)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
             mod = lower_bitserial(mod, target, policy)
     layers = name_bitserial_layers(describe_layers(mod), mod)
