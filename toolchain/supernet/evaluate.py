@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,15 +102,73 @@ class SubnetEvaluator:
         recalibrate_bn(net, self._calib_iter(), self.calib_batches)
         return net
 
-    def evaluate(self, cfg: SubnetConfig, split: str = "test", progress: bool = False) -> dict[str, Any]:
+    def train_batches(self, steps: int, first_epoch: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` un-augmented training batches for fine-tuning, from epoch ``first_epoch`` on.
+
+        Why epoch 1 by default: epoch 0's first batches are the BN-calibration batches, so a
+        fine-tune sees other images in another order; the test and validation splits are never
+        touched (the training split excludes the validation images).
+        """
+        per_epoch = self._calib.steps_per_epoch
+        for i in range(steps):
+            yield self._calib.batch(first_epoch + i // per_epoch, i % per_epoch)
+
+    def _measure(self, cfg: SubnetConfig, net: StaticNet, split: str, progress: bool, t0: float) -> dict[str, Any]:
+        """The result record of an already prepared (and maybe fine-tuned) ``net``."""
+        acc, n = top1(net, self.loaders[split], progress)
+        return {"top1": acc, "source": "measured", "split": split, "samples": n, "config": cfg.to_dict(),
+                "config_string": cfg.to_string(), "bits": bits_label(cfg), "checkpoint": self.sha256,
+                "calib_batches": self.calib_batches, "act_clips_calibrated": self.calibrate_act_clips,
+                **net_size(net, self.space.input_shape(1)), "seconds": time.perf_counter() - t0}
+
+    def evaluate_qat(self, cfg: SubnetConfig, steps: int, split: str = "test", lr: float = 0.005,
+                     teacher: nn.Module | None = None, progress: bool = False) -> dict[str, Any]:
+        """Top-1 of ``cfg`` after :meth:`prepare` and a ``steps``-batch :func:`qat_finetune`.
+
+        Every call extracts fresh weights from the supernet, so fine-tunes never leak into each
+        other. The record adds ``weight_change`` (relative L2 change of all conv/linear
+        weights), which shows the fine-tune really updated the network.
+        """
         if split not in SPLITS:
             raise InvalidInputError(f"unknown split {split!r}; use one of {SPLITS}")
         t0 = time.perf_counter()
         net = self.prepare(cfg)
-        acc, n = top1(net, self.loaders[split], progress)
-        return {"top1": acc, "source": "measured", "split": split, "samples": n, "config": cfg.to_dict(), "config_string": cfg.to_string(),
-                "bits": bits_label(cfg), "checkpoint": self.sha256, "calib_batches": self.calib_batches,
-                "act_clips_calibrated": self.calibrate_act_clips, "seconds": time.perf_counter() - t0}
+        before = [layer_weight(m).detach().clone() for _, m in net.quant_layers()]
+        qat_finetune(net, self.train_batches(steps), steps, lr=lr, teacher=teacher, progress=progress)
+        after = [layer_weight(m).detach() for _, m in net.quant_layers()]
+        num = sum(float(((a - b) ** 2).sum()) for a, b in zip(after, before))
+        den = sum(float((b ** 2).sum()) for b in before)
+        rec = self._measure(cfg, net, split, False, t0)
+        rec.update(qat_steps=steps, qat_lr=lr, qat_batch_size=self._calib.batch_size, qat_teacher=teacher is not None,
+                   qat_data="training split (validation held out), un-augmented, epochs >= 1",
+                   weight_change=(num / den) ** 0.5 if den > 0 else 0.0)
+        return rec
+
+    def evaluate(self, cfg: SubnetConfig, split: str = "test", progress: bool = False) -> dict[str, Any]:
+        if split not in SPLITS:
+            raise InvalidInputError(f"unknown split {split!r}; use one of {SPLITS}")
+        t0 = time.perf_counter()
+        return self._measure(cfg, self.prepare(cfg), split, progress, t0)
+
+
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """The trained weight tensor of a :class:`QConvBNAct` or :class:`QLinear`."""
+    return layer.conv.weight if hasattr(layer, "conv") else layer.linear.weight
+
+
+def net_size(net: StaticNet, input_shape: tuple[int, int, int, int]) -> dict[str, int]:
+    """``macs`` (multiply-accumulates per image) and ``params`` of an extracted subnet.
+
+    ``params`` counts what is deployed: conv/linear weights plus one bias per output channel
+    (BN folds into it), not BN statistics or activation clips, so it matches the exported model.
+    """
+    macs = params = 0
+    for row, (_, layer) in zip(net.describe(input_shape), net.quant_layers()):
+        oh, ow = row["out_hw"]
+        per_out = row["in_ch"] // row["groups"] * row["kernel"] ** 2
+        macs += oh * ow * row["out_ch"] * per_out
+        params += layer_weight(layer).numel() + row["out_ch"]
+    return {"macs": int(macs), "params": int(params)}
 
 
 def bits_label(cfg: SubnetConfig) -> str:
@@ -215,17 +273,24 @@ def qat_finetune(static_net: StaticNet, train_batches: Iterable[tuple[torch.Tens
 
 
 def random_spread(ev: SubnetEvaluator, n: int, seed: int = 0, split: str = "test",
-                  bits: str | None = None) -> list[dict[str, Any]]:
-    """Accuracy of ``n`` random subnets (random bit policies unless ``bits`` is given)."""
+                  bits: str | None = None, also_bits: Sequence[str] = (), progress: bool = True) -> list[dict[str, Any]]:
+    """Accuracy of ``n`` random subnets (random bit policies unless ``bits`` is given).
+
+    ``also_bits`` (e.g. ``("float",)``) also evaluates each sampled architecture under those
+    uniform policies, so quantized and float accuracy are compared on the same architectures;
+    every row then carries ``arch`` (the sample index) and ``seed``.
+    """
     rng = np.random.default_rng(seed)
     rows = []
-    for _ in tqdm(range(n), desc="random subnets"):
+    for i in tqdm(range(n), desc="random subnets", disable=not progress):
         cfg = ev.space.sample(rng, quantized=True)
-        if bits is not None:
-            cfg = apply_bits(cfg, bits)
-        rows.append(ev.evaluate(cfg, split))
+        for policy in (bits, *also_bits):
+            row = ev.evaluate(apply_bits(cfg, policy) if policy is not None else cfg, split)
+            if also_bits:
+                row.update(arch=i, seed=seed)
+            rows.append(row)
     return rows
 
 
 __all__ = ["SubnetEvaluator", "evaluate_subnet", "eval_subnet", "qat_finetune", "top1", "apply_bits",
-           "resolve_config", "resolve_bits", "bits_label", "random_spread"]
+           "resolve_config", "resolve_bits", "bits_label", "random_spread", "net_size", "layer_weight"]
