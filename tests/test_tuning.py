@@ -1,8 +1,10 @@
-"""MetaSchedule tuning for final artifacts (kernels/tuning.py, `apq compile --tune-trials N`).
+"""MetaSchedule tuning for final artifacts (kernels/tuning.py, kernels/tuning_choice.py,
+`apq compile --tune-trials N`).
 
-The fast tests seed a target database with one hand-written tuning record, so the cache lookup,
-the pipeline hook and the manifest are exercised without a MetaSchedule search (a real search
-costs ~90 s even for one task here; that end-to-end test is marked slow).
+The fast tests seed a target database with one hand-written tuning record (split + parallel, slower
+than apq's schedule of the same conv), so the side-by-side choice, the cache, the pipeline hook and
+the manifest are exercised without a MetaSchedule search (a real search costs minutes here: its
+first TuneContext imports TVM's tensor intrinsics; that end-to-end test is marked slow).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from apq.kernels import tuning_choice
 from apq.kernels.tuning import (
     TuneConfig,
     count_records,
@@ -26,6 +29,17 @@ from apq.kernels.tuning import (
     trial_budget,
     tune_module,
     tuned_functions,
+)
+from apq.kernels.tuning_choice import (
+    APQ,
+    TUNED,
+    TaskChoice,
+    apq_scheduled,
+    choose,
+    load_choices,
+    schedule_fingerprint,
+    save_choices,
+    workload_key,
 )
 from apq.targets.registry import get_target
 from apq.toolchain.compile import CompileOptions, compile_onnx
@@ -89,13 +103,37 @@ def _first_block(sch):
 
 
 def test_configs_round_trip_json():
-    cfg = TuneConfig(trials=32, max_workers=1, seed=3)
+    cfg = TuneConfig(trials=32, max_workers=1, seed=3, min_gain=0.05, threads=2, rounds=5)
     assert TuneConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert cfg.runner_config().threads == 2 and cfg.runner_config().rounds == 5
     opts = CompileOptions(target="host", tune_trials=8)
     assert CompileOptions.from_json(json.loads(json.dumps(opts.to_json()))) == opts
     old = opts.to_json()
     del old["tune_trials"]  # manifests written before tuning existed
     assert CompileOptions.from_json(old).tune_trials == 0
+    for bad in (TuneConfig(min_gain=1.0), TuneConfig(min_gain=-0.1), TuneConfig(rounds=0)):
+        with pytest.raises(InvalidInputError):
+            bad.validate()
+
+
+def test_choose_keeps_apq_unless_the_record_wins_by_the_margin():
+    assert choose(1.0, 0.96, 0.03) == TUNED
+    assert choose(1.0, 0.975, 0.03) == APQ  # faster, but within the margin
+    assert choose(1.0, 1.5, 0.03) == APQ
+    assert choose(1.0, 1.0, 0.0) == TUNED  # margin 0: ties go to the record
+    assert choose(1.0, None, 0.03) == APQ  # the record failed to build or run
+    assert choose(None, 0.5, 0.03) == TUNED  # only the record was measured
+
+
+def test_choice_book_round_trips_and_rejudges_without_remeasuring(tmp_path):
+    c = TaskChoice("fused_conv", "00ff", "abcd", 1.0, 0.95, choose(1.0, 0.95, 0.03), 0.03)
+    assert c.chosen == TUNED and c.gain == pytest.approx(1 / 0.95)
+    save_choices(tmp_path, {c.workload: c})
+    back = load_choices(tmp_path)
+    assert back == {"00ff": c}
+    assert back["00ff"].with_min_gain(0.10).chosen == APQ  # same times, stricter margin
+    (tmp_path / tuning_choice.CHOICES_FILE).write_text(json.dumps({"version": 999, "choices": {}}))
+    assert load_choices(tmp_path) == {}  # another format: re-measure rather than misread
 
 
 def test_database_dir_is_per_target_and_honours_apq_cache_dir(tmp_path, monkeypatch):
@@ -122,9 +160,30 @@ def test_refuses_cross_targets_and_negative_trials(tmp_path):
         tune_module(None, get_target("host").tvm(), TuneConfig(trials=-1), tmp_path)
 
 
-def test_cached_records_are_applied_and_no_new_trials_run(tmp_path, monkeypatch):
-    """A database that covers every task: tune_module runs nothing, the build uses the record,
-    and the artifact still matches onnxruntime."""
+def test_apq_schedule_measured_is_the_one_the_build_runs(tmp_path):
+    """The baseline a record must beat is exactly the PrimFunc an untuned build runs."""
+    from tvm_ffi import structural_equal
+
+    from apq.kernels.pipeline import schedule_pass
+    from apq.kernels.tuning import _tasks
+
+    spec = get_target("host")
+    target = spec.tvm()
+    mod = _lowered(_tiny_conv(tmp_path / "tiny.onnx"), spec)
+    tasks = _tasks(fused_module(mod, target), target)
+    assert tasks
+    with target:
+        built = schedule_pass()(fused_module(mod, target))
+    for task in tasks:
+        ours = apq_scheduled(task.dispatched[0], target)["main"]
+        assert any(structural_equal(ours.body, f.body, map_free_vars=True)
+                   for gv, f in built.functions.items() if gv.name_hint == task.task_name)
+
+
+def test_slower_record_is_not_applied_and_choices_match_the_times(tmp_path, monkeypatch):
+    """The seeded record (split + parallel) is slower than apq's schedule: it stays in the database
+    but the build keeps apq's; every recorded choice follows from its two measured times; a second
+    tune measures nothing and runs no trials; the artifact matches onnxruntime."""
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.verify import verify_artifact
 
@@ -136,14 +195,68 @@ def test_cached_records_are_applied_and_no_new_trials_run(tmp_path, monkeypatch)
     assert _seed_record(mod, target, None) >= 1
     db, report = tune_module(mod, target, TuneConfig(trials=4), progress=False)
     assert report.tasks >= 1 and report.cached_tasks == report.tasks and report.new_records == 0
-    assert tuned_functions(mod, target, db)  # the record replaces a fused PrimFunc
+    assert report.measured_tasks == report.tasks and len(report.choices) == report.tasks
+    for c in report.choices:
+        assert c["apq_ms"] > 0 and c["tuned_ms"] > 0  # both really ran
+        assert c["chosen"] == choose(c["apq_ms"], c["tuned_ms"], c["min_gain"])
+    kept = [c["task"] for c in report.choices if c["chosen"] == TUNED]
+    assert tuned_functions(mod, target, db) == sorted(kept)
+    assert report.choices[0]["chosen"] == APQ, report.choices  # ~3x slower than apq's, measured
+    assert count_records(open_database(target)) == report.records_after  # the record is kept on disk
+
+    _, again = tune_module(mod, target, TuneConfig(trials=4), progress=False)
+    assert again.measured_tasks == 0 and again.new_records == 0
+    assert [c["chosen"] for c in again.choices] == [c["chosen"] for c in report.choices]
 
     res = compile_onnx(onnx_path, "host", tmp_path / "tuned.apq", options=CompileOptions(tune_trials=4))
     tuning = res.manifest["compile"]["tuning"]
-    assert tuning["new_records"] == 0 and tuning["tuned_functions"]
-    assert res.manifest["compile"]["options"]["tune_trials"] == 4
+    assert tuning["new_records"] == 0 and tuning["measured_tasks"] == 0 and tuning["tuned_functions"] == []
+    assert tuning["choices"] == again.to_json()["choices"]
     ver = verify_artifact(open_artifact(res.artifact_path), onnx_path)
     assert ver.passed, ver.to_json()
+
+
+def test_winning_record_is_applied_and_still_matches_onnxruntime(tmp_path, monkeypatch):
+    """The apply path: with the measurement replaced by times where the record wins (the seeded
+    record never really wins), only the chosen record reaches the build, and the compiled
+    artifact, running the record's loops, still matches onnxruntime."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning_choice, "measure_modules",
+                        lambda mods, target, cfg: [1.0 if i % 2 == 0 else 0.5 for i in range(len(mods))])
+    spec = get_target("host")
+    onnx_path = _tiny_conv(tmp_path / "tiny.onnx")
+    target = spec.tvm()
+    mod = _lowered(onnx_path, spec)
+    _seed_record(mod, target, None)
+    res = compile_onnx(onnx_path, "host", tmp_path / "tuned.apq", options=CompileOptions(tune_trials=4))
+    tuning = res.manifest["compile"]["tuning"]
+    assert tuning["chosen_tuned"] == tuning["tasks"] >= 1
+    assert tuning["tuned_functions"] == sorted(c["task"] for c in tuning["choices"])
+    ver = verify_artifact(open_artifact(res.artifact_path), onnx_path)
+    assert ver.passed, ver.to_json()
+
+
+def test_database_round_trips_through_disk(tmp_path):
+    """Records and choices written by one process are what the next one reads."""
+    spec = get_target("host")
+    target = spec.tvm()
+    mod = _lowered(_tiny_conv(tmp_path / "tiny.onnx"), spec)
+    n = _seed_record(mod, target, tmp_path)
+    from apq.kernels.tuning import _tasks
+
+    tasks = _tasks(fused_module(mod, target), target)
+    first = open_database(target, tmp_path)
+    prints = [schedule_fingerprint(first.query_ir_module(t.dispatched[0], target, t.task_name)) for t in tasks]
+    reopened = open_database(target, tmp_path, create=False)
+    assert count_records(reopened) == n
+    again = [schedule_fingerprint(reopened.query_ir_module(t.dispatched[0], target, t.task_name)) for t in tasks]
+    assert again == prints and all(prints)
+    assert len({workload_key(t.dispatched[0]) for t in tasks}) == len(tasks)
+    fresh = _tasks(fused_module(mod, target), target)[0].dispatched[0]
+    assert workload_key(tasks[0].dispatched[0]) == workload_key(fresh)  # stable across re-fusing
 
 
 def test_untuned_compile_does_not_touch_the_cache(tmp_path, monkeypatch):
@@ -155,8 +268,9 @@ def test_untuned_compile_does_not_touch_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_tune_trials_end_to_end(tmp_path, monkeypatch, capsys):
-    """`apq compile --tune-trials 4 --verify`: a real search (~1.5-2 min here), records on disk,
-    parity with onnxruntime; the second compile reuses the records (zero new trials)."""
+    """`apq compile --tune-trials 4 --verify`: a real search (~4-5 min on the loaded machine),
+    records on disk, every choice follows its measured times, parity with onnxruntime; the second
+    compile reuses the records and the choices (zero new trials, nothing re-measured)."""
     from apq.toolchain.cli import compile_main
 
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
@@ -164,7 +278,11 @@ def test_cli_tune_trials_end_to_end(tmp_path, monkeypatch, capsys):
     argv = [str(onnx_path), "--tune-trials", "4", "--verify", "--json", "-o", str(tmp_path / "t.apq")]
     assert compile_main(argv) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["tuning"]["new_records"] >= 1 and first["tuning"]["tuned_functions"]
+    assert first["tuning"]["new_records"] >= 1 and first["tuning"]["measured_tasks"] == first["tuning"]["tasks"]
+    for c in first["tuning"]["choices"]:
+        assert c["chosen"] == choose(c["apq_ms"], c["tuned_ms"], c["min_gain"])
+    assert first["tuning"]["tuned_functions"] == sorted(c["task"] for c in first["tuning"]["choices"]
+                                                        if c["chosen"] == TUNED)
     db = open_database(get_target("host"), create=False)
     assert db is not None and count_records(db) >= 1
     records = count_records(db)
@@ -173,4 +291,5 @@ def test_cli_tune_trials_end_to_end(tmp_path, monkeypatch, capsys):
     assert compile_main(argv) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["verify"]["passed"] and second["tuning"]["new_records"] == 0
+    assert second["tuning"]["measured_tasks"] == 0
     assert count_records(open_database(get_target("host"), create=False)) == records  # no new trials
