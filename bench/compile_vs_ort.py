@@ -15,6 +15,13 @@ the same build read 1.09x by wall clock and 0.75x by thread CPU time, minutes ap
 apq (TVM runs a 1-thread pool on the calling thread) and onnxruntime (intra-op threads = 1)
 compute on the calling thread, so its CPU time is the compute time, preemption excluded.
 Multi-threaded runs always use wall time (work on other threads is not in the caller's).
+
+``--rounds N`` interleaves the two sides: N rounds, each timing apq then onnxruntime by the
+protocol, and reports the median over rounds of apq_ms, ort_ms and of the per-round ratio.
+Why: even by thread CPU time one side's figure moved 2x between runs minutes apart on the
+shared 2-vCPU VM (measured: onnxruntime int8 224 px 4.5, 2.8 and 2.1 ms in three runs of the
+same build, likely an SMT sibling's load), and a ratio of two figures taken at different
+times inherits all of it; a per-round ratio compares figures taken seconds apart.
 """
 
 from __future__ import annotations
@@ -48,11 +55,24 @@ def _apq_runner(lib_path: Path, inputs: list[np.ndarray], threads: int):
     return vm["__bench"]
 
 
+def interleaved(apq_fn, ort_fn, cfg, threads: int, clock, rounds: int) -> tuple[float, float, float, object]:
+    """(apq_ms, ort_ms, speedup, last apq stats): medians over ``rounds`` alternating rounds."""
+    from apq.toolchain.profile import measure
+
+    apq_ms, ort_ms, ratios, stats = [], [], [], None
+    for _ in range(max(1, rounds)):
+        stats = measure(apq_fn, cfg, threads=threads, clock=clock)
+        ort = measure(ort_fn, cfg, threads=threads, clock=clock)
+        apq_ms.append(stats.median_ms)
+        ort_ms.append(ort.median_ms)
+        ratios.append(ort.median_ms / stats.median_ms)
+    return float(np.median(apq_ms)), float(np.median(ort_ms)), float(np.median(ratios)), stats
+
+
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],
-                cfg, work: Path, clock: str = "wall") -> list[dict]:
+                cfg, work: Path, clock: str = "wall", rounds: int = 1) -> list[dict]:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import compile_onnx
-    from apq.toolchain.profile import measure
     from apq.toolchain.verify import ort_session
 
     res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}.apq")
@@ -63,17 +83,17 @@ def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, thr
     for threads in threads_list:
         used = clock if threads == 1 else "wall"
         run = _apq_runner(art.lib_path, x, threads)
-        apq = measure(run, cfg, threads=threads, clock=CLOCKS[used])
         sess = ort_session(onnx_path, threads)
         feed = {art.input_specs[0].name: x[0]}
-        ort = measure(lambda: sess.run(None, feed), cfg, threads=threads, clock=CLOCKS[used])
+        apq_ms, ort_ms, speedup, apq = interleaved(run, lambda: sess.run(None, feed), cfg, threads,
+                                                    CLOCKS[used], rounds)
         records.append({"model": name, "precision": precision, "resolution": resolution, "threads": threads,
-                        "batch": 1, "apq_ms": round(apq.median_ms, 4), "ort_ms": round(ort.median_ms, 4),
-                        "speedup": round(ort.median_ms / apq.median_ms, 4), "compile_s": round(res.compile_s, 2),
+                        "batch": 1, "apq_ms": round(apq_ms, 4), "ort_ms": round(ort_ms, 4),
+                        "speedup": round(speedup, 4), "rounds": rounds, "compile_s": round(res.compile_s, 2),
                         "apq_kernels": kernels, "source": "measured", "device": apq.device,
                         "clock": "thread-cpu" if used == "thread" else "wall"})
-        print(f"# {name} {precision} {resolution}px {threads}t ({used} clock): apq {apq.median_ms:.3f} ms, "
-              f"ort {ort.median_ms:.3f} ms, speedup {ort.median_ms / apq.median_ms:.3f}", file=sys.stderr)
+        print(f"# {name} {precision} {resolution}px {threads}t ({used} clock, {rounds} rounds): apq {apq_ms:.3f} ms, "
+              f"ort {ort_ms:.3f} ms, speedup {speedup:.3f}", file=sys.stderr)
     return records
 
 
@@ -89,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="clock for 1-thread runs: wall, or the thread's CPU time (robust on a loaded machine)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate apq / onnxruntime this many times; report medians (see the docstring)")
     args = ap.parse_args(argv)
     cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=5)
     records: list[dict] = []
@@ -97,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in args.resolutions:
             fp = mobilenetv2_onnx(work / f"mbv2_{r}.onnx", resolution=r, width=args.width, classes=1000 if r >= 224 else 10)
             q = quantize_qdq(fp, work / f"mbv2_{r}_int8.onnx", per_channel=True)
-            records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock)
-            records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock)
+            records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock, args.rounds)
+            records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock, args.rounds)
     if args.json:
         print(json.dumps(records, indent=2))
     else:

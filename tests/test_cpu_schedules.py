@@ -82,10 +82,12 @@ def test_config_from_targets_and_json_roundtrip():
 
     arm = CpuScheduleConfig.for_target(get_target("raspberry-pi/4b-aarch64").tvm())
     assert arm.vector_bits == 128 and arm.lanes(32) == 4 and arm.num_cores == 4  # NEON
+    assert (arm.accumulators, arm.max_oc_tile) == (16, 8)  # no register-tile entry: the defaults
     host_spec = get_target("host")
     host = CpuScheduleConfig.for_target(host_spec.tvm())
     if "avx512f" in host_spec.features:
         assert host.lanes(32) == 16 and host.lanes(8) == 64
+        assert (host.accumulators, host.max_oc_tile) == (24, 16)  # 32 zmm registers
     elif "avx2" in host_spec.features:
         assert host.lanes(32) == 8
     assert CpuScheduleConfig.from_json(host.to_json()) == host
@@ -390,7 +392,7 @@ def test_depthwise_tile_is_one_channel_by_several_rows(dtype):
 
     target = get_target("host").tvm()
     cfg = CpuScheduleConfig.for_target(target)
-    for hw, rows, chans in ((28, 7, 1), (13, 1, 8)):
+    for hw, rows, chans in ((28, 7, 1), (13, 1, min(cfg.max_oc_tile, 16))):  # (16 on AVX-512, 8 elsewhere)
         mod = _depthwise_module(16, hw, 1, dtype)
         (func,) = [f for _, f in _fused(mod, target).functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
         sch = s_tir.Schedule(func)

@@ -382,3 +382,52 @@ def test_lowering_accumulates_kxk_convs_in_float_only_when_asked_and_stays_exact
     assert [k for k, _, _ in kernels[1]][:2] == ["conv2d.uint8xint8->float32"] * 2  # stem, depthwise
     assert kernels[1][2][0] == "conv2d.uint8xint8->int32"  # the 1x1 conv
     assert [(w, a) for _, w, a in kernels[0]] == [(w, a) for _, w, a in kernels[1]]  # still 8-bit layers
+
+
+def test_requantization_scales_fold_into_the_rescale_without_a_division(tmp_path):
+    """reciprocal_requant: quantize(acc * m, s, z) -> quantize(acc * (m / s), 1, z).
+    No float division per output is left in the lowered convs, the outputs stay within one output
+    step of the division form, and the folded form matches onnxruntime at least as closely."""
+    from apq.toolchain.layers import const_value
+
+    model = _ort_qdq(tmp_path, True, QuantType.QUInt8)
+    xs = _inputs(3)
+    folded = lower_qdq(_import(model), read_bits_hint(model), reciprocal_requant=True)
+    divided = lower_qdq(_import(model), read_bits_hint(model))  # the default: the division
+    unit = [q for q in _calls(folded, "relax.quantize")
+            if const_value(q.args[1]) is not None and float(const_value(q.args[1]).reshape(-1)[0]) == 1.0]
+    assert len(unit) >= 3  # every lowered conv/matmul's requantization (not the input's quantize)
+    assert not [q for q in _calls(divided, "relax.quantize")
+                if float(const_value(q.args[1]).reshape(-1)[0]) == 1.0]
+    step = _output_step(model)
+    ref = _run_ort(model, xs)
+    got_f, got_d = _run_tvm(folded, xs), _run_tvm(divided, xs)
+    for f, d, r in zip(got_f, got_d, ref):
+        assert np.max(np.abs(f - d)) <= step * 1.001 + 1e-6
+        assert np.max(np.abs(f - r)) <= step * 1.001 + 1e-6
+    assert sum(int(np.sum(f != r)) for f, r in zip(got_f, ref)) <= sum(int(np.sum(d != r)) for d, r in zip(got_d, ref))
+
+
+def test_fold_requant_scales_keeps_unit_scales_and_reaches_a_fixpoint():
+    """A quantize whose scale is already 1 is not rewritten again (no endless rewrite), and
+    the folded multiplier is m / s rounded once to float32."""
+    from tvm import relax
+
+    from apq.toolchain.layers import const_value
+    from apq.toolchain.qdq_lowering import fold_requant_scales
+
+    m = np.array([0.5, 0.3, 0.7], np.float32).reshape(1, 3, 1, 1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 3, 2, 2], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(x, relax.const(m)))
+            q = bb.emit_output(relax.op.quantize(y, relax.const(np.float32(0.1)), relax.const(np.int8(3)),
+                                                 axis=1, out_dtype="int8"))
+        bb.emit_func_output(q)
+    once = fold_requant_scales(bb.get()["main"])
+    twice = fold_requant_scales(once)
+    (call,) = [c for c in _calls(tvm.IRModule({"main": twice}), "relax.quantize")]
+    assert float(const_value(call.args[1])) == 1.0
+    (mul,) = [c for c in _calls(tvm.IRModule({"main": twice}), "relax.multiply")]
+    np.testing.assert_array_equal(const_value(mul.args[1]), (m.astype(np.float64) / np.float32(0.1)).astype(np.float32))

@@ -49,6 +49,9 @@ class CompileOptions:
     # MetaSchedule trials for the final artifact (kernels/tuning.py); 0 = apq's schedules only.
     # Records are cached per target, so recompiling the same model runs no new trials.
     tune_trials: int = 0
+    # knob-tune apq's schedules per kernel (kernels/knob_tuning.py): seconds per kernel, timed on this
+    # machine (host target only), choices cached per target so a recompile times nothing.
+    knob_tune: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +114,11 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
         # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
         # whole model 0.71x -> 0.83x of onnxruntime. 1x1 convs stay int32 for VNNI.
-        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni, float_accumulation=vnni)
+        # reciprocal_requant: fold the requantize division into one multiply, as onnxruntime's
+        # QLinearConv does (x86 outputs then equal ORT's exactly; int8 224 px 0.74x -> 0.89x). Not on
+        # ARM: under qemu the folded form missed ORT by 2 steps there, cause not yet understood.
+        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni, float_accumulation=vnni,
+                        reciprocal_requant=vnni)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
             mod = lower_bitserial(mod, target, policy)
     layers = name_bitserial_layers(describe_layers(mod), mod)
@@ -131,6 +138,20 @@ def tune_library(mod, target: TargetSpec, trials: int, progress: bool = False):
     return db, info
 
 
+def knob_tune_library(mod, target: TargetSpec, enabled: bool, progress: bool = False):
+    """Knob-tuned schedule choices (kernels/knob_tuning.py) -> (knobs, report json, fused module), or
+    (None, None, mod). The fused module is what the tuner timed: build it with ``prepared=True``
+    rather than fusing ``mod`` again (constant folding costs seconds per float model)."""
+    if not enabled:
+        return None, None, mod
+    from apq.kernels.knob_tuning import check_tunable, fused_module, knob_tune
+
+    check_tunable(target)  # one-line refusal for targets whose kernels cannot be timed here
+    fused = fused_module(mod, target.tvm())
+    knobs, report = knob_tune(fused, target.tvm(), progress=progress, prepared=True)
+    return knobs, report.to_json(), fused
+
+
 def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path:
     """tvm.compile for the target and export the executable; cross-compile for ARM.
 
@@ -140,18 +161,19 @@ def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path
 
 
 def build_library_traced(mod, target: TargetSpec, out_dir: Path,
-                         database=None) -> "tuple[Path, list[KernelCall]]":
+                         database=None, knobs=None, prepared: bool = False) -> "tuple[Path, list[KernelCall]]":
     """:func:`build_library`, also returning which instruction path each layer's kernel uses.
 
     The calls come from the scheduled module that code generation received
-    (toolchain/kernel_impl.py); pair them with layer records by ``attach_impls``.
+    (toolchain/kernel_impl.py); pair them with layer records by ``attach_impls``. ``knobs``: per-kernel
+    schedule overrides from ``knob_tune_library``; ``prepared``: ``mod`` is already fused (its output).
     """
     from apq.kernels.pipeline import compile_relax  # apq's CPU schedules (kernels/cpu_schedules.py)
     from apq.toolchain.kernel_impl import capture_scheduled, kernel_calls
 
     try:
         with capture_scheduled() as scheduled:
-            ex = compile_relax(mod, target.tvm(), database=database)
+            ex = compile_relax(mod, target.tvm(), database=database, knobs=knobs, prepared=prepared)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise ApqError(f"TVM failed to compile for {target.name}: {msg}") from None
@@ -224,8 +246,9 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
     outputs = _output_specs(mod, output_names(model))
     steps.update(1)
     database, tuning = tune_library(mod, spec, options.tune_trials, progress)
+    knobs, knob_report, mod = knob_tune_library(mod, spec, options.knob_tune, progress)
     with tempfile.TemporaryDirectory(prefix="apq-build-") as tmp:
-        lib, calls = build_library_traced(mod, spec, Path(tmp), database)
+        lib, calls = build_library_traced(mod, spec, Path(tmp), database, knobs, prepared=options.knob_tune)
         layers = attach_impls(layers, calls)
         steps.update(1)
         compile_s = time.perf_counter() - t0
@@ -237,7 +260,8 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
             "outputs": [s.to_json() for s in outputs],
             "layers": [layer.to_json() for layer in layers],
             "compile": {"options": options.to_json(), "seconds": round(compile_s, 3),
-                        **({"tuning": tuning} if tuning else {})},
+                        **({"tuning": tuning} if tuning else {}),
+                        **({"knob_tuning": knob_report} if knob_report else {})},
             "versions": tool_versions(),
         }
         if extra_manifest:
