@@ -36,27 +36,37 @@ def prepare_passes(target: Any) -> list[Any]:
 
 
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,
-                   database: Any | None = None) -> Any:
+                   database: Any | None = None, knobs: dict[str, dict[str, Any]] | None = None,
+                   prepared: bool = False) -> Any:
     """TVM's default CPU Relax pipeline with apq's schedules inserted after FuseTIR.
 
     ``target`` is a ``tvm.target.Target``; ``schedule=False`` gives TVM's unscheduled pipeline
     (what apq compiled before, kept for A/B tests and benchmarks). ``database`` (a MetaSchedule
     database, kernels/tuning.py) is applied before apq's rules: tuned PrimFuncs are marked
-    scheduled and keep their tuned loops, untuned ones still get apq's schedules.
+    scheduled and keep their tuned loops, untuned ones still get apq's schedules. ``knobs``
+    (kernels/knob_tuning.py: unscheduled PrimFunc key -> config overrides) schedules each listed
+    PrimFunc with its knob-tuned config instead of ``cfg``; the others keep ``cfg``.
+    ``prepared=True``: ``mod`` already went through :func:`prepare_passes` (knob tuning fused it
+    to find its kernels; fusing again would repeat the constant folding, seconds per model).
     """
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     cfg = cfg or CpuScheduleConfig.for_target(target)
-    middle = [schedule_pass(cfg)] if schedule else []
+    if knobs:
+        from apq.kernels.knob_tuning import knob_schedule_pass
+
+        middle = [knob_schedule_pass(knobs, cfg)] if schedule else []
+    else:
+        middle = [schedule_pass(cfg)] if schedule else []
 
     @tvm.transform.module_pass(opt_level=0, name="ApqCpuPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target, (database if database is not None else contextlib.nullcontext()):
             tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
             seq = tvm.transform.Sequential(
-                prepare_passes(target) + tuned + middle
+                ([] if prepared else prepare_passes(target)) + tuned + middle
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 
@@ -69,13 +79,16 @@ def supports(target: Any) -> bool:
 
 
 def compile_relax(mod: Any, target: Any, schedule: bool = True, cfg: CpuScheduleConfig | None = None,
-                  database: Any | None = None) -> Any:
+                  database: Any | None = None, knobs: dict[str, dict[str, Any]] | None = None,
+                  prepared: bool = False) -> Any:
     """``tvm.compile`` with apq's CPU pipeline (the one-line hook build_library calls).
 
-    ``database``: optional MetaSchedule tuning records applied before apq's rules.
+    ``database``: optional MetaSchedule tuning records applied before apq's rules. ``knobs``:
+    optional per-PrimFunc config overrides from ``kernels.knob_tuning.knob_tune``. ``prepared``:
+    ``mod`` is already fused (``kernels.knob_tuning.fused_module``).
     """
     import tvm
 
     if not supports(target):
         return tvm.compile(mod, target)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule, database))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule, database, knobs, prepared))

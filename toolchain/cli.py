@@ -59,6 +59,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "$APQ_CACHE_DIR/tuning; a recompile reuses the records); 0: apq's schedules only. "
                         "EXPERIMENTAL: a tuned record replaces apq's schedule even when slower (measured "
                         "0.81 ms tuned vs 0.22 ms untuned at 32 trials on MobileNetV2-32px)")
+    p.add_argument("--knob-tune", action="store_true",
+                   help="tune apq's schedule knobs per kernel (seconds per kernel, timed here: host target "
+                        "only; choices cached per target under $APQ_CACHE_DIR/knobs, a recompile times nothing)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
 
@@ -72,12 +75,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled()}[args.bitserial]
     options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy,
-                             tune_trials=args.tune_trials)
+                             tune_trials=args.tune_trials, knob_tune=args.knob_tune)
     res = compile_onnx(args.model, args.target, args.output, _shapes(args.input_shape), options,
                        progress=not args.json)
     report: dict[str, Any] = res.to_json()
     if "tuning" in res.manifest["compile"]:
         report["tuning"] = res.manifest["compile"]["tuning"]
+    if "knob_tuning" in res.manifest["compile"]:
+        report["knob_tuning"] = {k: v for k, v in res.manifest["compile"]["knob_tuning"].items() if k != "choices"}
     rc = 0
     if args.verify:
         art = open_artifact(res.artifact_path, expect_target=args.target)
@@ -90,6 +95,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"wrote {res.artifact_path} ({res.manifest['target']}, {len(res.manifest['layers'])} layers, "
               f"compiled in {res.compile_s:.1f} s)")
         _print_layers(res.manifest["layers"])
+        if "knob_tuning" in report:
+            k = report["knob_tuning"]
+            print(f"knob-tune: {k['kernels']} kernels, {k['timed']} timed, {k['cached']} cached, {k['changed']} "
+                  f"changed, {k['seconds']:.1f} s ({k['cache_file']})")
         if args.verify:
             v = report["verify"]
             status = "PASS" if v["passed"] else "FAIL"
