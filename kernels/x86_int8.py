@@ -250,46 +250,8 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     Expects ``conv`` already inlined (see :func:`vnni_conv_applicable`); returns True when
     the function is fully scheduled.
     """
-    from apq.kernels.cpu_schedules import Conv2dNCHWRule, _largest_divisor, _tile_consumer, flatten_pixels
+    from apq.kernels.int8_dot_conv import DotInstruction, schedule_pointwise_dot
 
     data_i, _ = _vnni_conv_operands(sch, conv)
-    intrin = register_intrinsics()
-    width, npix = geo["ow"], geo["oh"] * geo["ow"]
-    n_vec = pixel_vectors(npix)
-    if n_vec is None:  # ragged pixel count: pad the conv's flat pixel axis (needs a 4-D epilogue)
-        acc = Conv2dNCHWRule._accumulator(sch, func, conv)
-        flatten_pixels(sch, acc, width)
-        n_vec, padded = padded_pixel_vectors(npix)
-        pack = _pad_and_pack_activations(sch, acc, data_i, padded, cfg)
-    else:
-        pack = _pack_activations(sch, conv, data_i, width, cfg)
-        acc = Conv2dNCHWRule._accumulator(sch, func, conv)
-        try:  # accumulator and epilogue on a flat H*W axis: tiles may cross rows
-            flatten_pixels(sch, acc, width)
-            row: int | None = None
-        except Exception:  # epilogue not a plain 4-D block: flatten the accumulator only
-            sch.transform_layout(acc, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
-            sch.transform_block_layout(acc, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx))
-            row = width
-        n_vec = pixel_vectors(npix, row)
-        if n_vec is None:
-            raise ValueError(f"no 16-pixel tile is whole rows of {width} or divides one")
-    n, f, pix, rc, ry, rx = sch.get_loops(acc)
-    n_ic = int(sch.get(rc).extent)
-    oc_t = _largest_divisor(geo["oc"], min(cfg.max_oc_tile, max(1, cfg.accumulators // n_vec)))
-    fo, fi = sch.split(f, [None, oc_t])
-    po, pv, pl = sch.split(pix, [None, n_vec, LANES])
-    rco, rci = sch.split(rc, [None, K_GROUP])
-    sch.reorder(n, fo, po, rco, ry, rx, fi, pv, pl, rci)
-    outer = sch.fuse(n, fo, po)
-    work = geo["oc"] * npix * n_ic  # multiply-adds
-    if cfg.num_cores > 1 and int(sch.get(outer).extent) > 1 and work >= cfg.min_parallel_work:
-        sch.parallel(outer)
-    done = {sch.get(acc).name_hint, sch.get(pack).name_hint, _tile_consumer(sch, func, acc, outer, LANES)}
-    init = sch.decompose_reduction(acc, rco)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(pl, intrin)
-    sch.unroll(fi)
-    sch.unroll(pv)
-    Conv2dNCHWRule._schedule_rest(sch, cfg, done)
-    return True
+    dot = DotInstruction("vpdpbusd", register_intrinsics(), LANES, K_GROUP, pixel_vectors, padded_pixel_vectors)
+    return schedule_pointwise_dot(sch, func, conv, geo, cfg, data_i, dot)
