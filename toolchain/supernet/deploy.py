@@ -66,8 +66,7 @@ def export_subnet(out_path: str | Path, checkpoint: str | Path | None = None, co
     cfg = apply_bits(resolve_config(ev.space, config), resolve_bits(bits))
     net = ev.prepare(cfg)
     if qat_steps > 0:
-        net = qat_finetune(net, (ev._calib.batch(1, i % ev._calib.steps_per_epoch) for i in range(qat_steps)),
-                           qat_steps)
+        net = qat_finetune(net, ev.train_batches(qat_steps), qat_steps)
     net.eval()
     acc = None
     if evaluate_split:
