@@ -132,8 +132,10 @@ def test_mobilenetv2_qdq_runs_integer_kernels_and_matches_onnxruntime(tmp_path, 
     assert all(layer["weight_bits"] == 8 and layer["activation_bits"] == 8 for layer in layers), layers
     # integer operands (int32 accumulation, or float32 accumulation proven exact), never fake quant
     assert all(re.search(r"int8xu?int8->(int32|float32)$", layer["kernel"]) and layer["impl"] != "float" for layer in layers)
-    rep = verify_artifact(open_artifact(res.artifact_path), mbv2_qdq, seed=2)
-    assert rep.passed, rep.to_json()
+    art = open_artifact(res.artifact_path)
+    for seed in range(6):  # several inputs: a rounding-order change (e.g. a folded requantize) fails only some
+        rep = verify_artifact(art, mbv2_qdq, seed=seed)
+        assert rep.passed, (seed, rep.to_json())
     assert rep.outputs[0].tolerance_rule == "output DequantizeLinear scale"
 
 

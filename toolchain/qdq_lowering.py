@@ -33,10 +33,14 @@ output (``vdivps``: ~10x a multiply's cost; 12% of int8 MobileNetV2 at 224 px, 1
 3.05 -> 2.68 ms thread time). This is what onnxruntime's QLinearConv does (its multiplier is
 ``s_x * s_w / s_y``), so it may flip an output by one LSB where the division would round the
 other way: exact against the unscheduled build of the same lowered graph, within one output
-step of the QDQ graph's division. On x86 it made apq's outputs identical to onnxruntime's
-(int8 MobileNetV2 at 224 px: max |diff| 0.0 vs 0.061 with the division; at 32 px 0.0 vs
-0.031). Opt-in because the aarch64 build under qemu then missed onnxruntime by two output
-steps (0.048, tolerance 0.024; not yet understood), which the division form does not.
+step of the QDQ graph's division. It reproduces onnxruntime's *optimized* QLinearConv, not the
+ONNX operators' semantics that ``apq verify`` checks against (unoptimized onnxruntime):
+``rint(a * fl(m / s))`` and ``rint(fl(a * m) / s)`` fall on opposite sides of a .5 boundary in
+rare outputs (87 of 2M random pairs), and a one-step flip in a middle layer grows to two steps
+at the output: measured on int8 MobileNetV2 at 32 px, x86 and aarch64 alike, the folded form
+missed the reference by 0.048 (tolerance 0.024) on 1 of 20 inputs. So it is off in
+``apq compile``; an exact alternative (reciprocal plus one FMA correction step, which matched
+the division bit for bit in a NumPy check) is not built yet.
 
 Anything the rewrite cannot prove exact (nonzero weight zero points, per-channel activation
 scales, non-NCHW layouts) stays float and :func:`apq.toolchain.layers.describe_layers`
@@ -470,7 +474,8 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
     ``reciprocal_requant`` folds each requantization's ``1 / s_y`` into the rescale
     (:func:`fold_requant_scales`): no float division per output, onnxruntime's rounding
-    instead of the division's (they differ by one LSB in rare outputs); verified on x86 only.
+    instead of the division's (they differ by one LSB in rare outputs, which can grow to two
+    output steps through a network: not the ONNX semantics, so not used by apq compile).
     """
     from tvm import relax
 
