@@ -31,13 +31,15 @@ Signedness (A76 has ``sdot``/``udot`` but not the mixed ``usdot``, which needs `
 
 Scope is the VNNI path's: stride-1 pointwise convs, ``groups == 1``, input channels a multiple
 of 4, int32 accumulation. Pixel counts that are no multiple of a tile are padded when at least
-:data:`MIN_PADDED_LANE_USE` of the padded lanes are real. Timing needs a real board
+:data:`apq.kernels.int8_dot_conv.MIN_PADDED_LANE_USE` of the padded lanes are real. Timing needs a real board
 (qemu runs these kernels for correctness only); no speed figure is claimed here.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from apq.kernels.int8_dot_conv import DotInstruction, dot_intrin_pair, schedule_pointwise_dot
 
 #: TensorIntrin names (one per activation signedness).
 SDOT_S8S8_PIXELS4_K4 = "apq_neon_sdot_s8s8i32_pixels4_k4"
@@ -47,12 +49,13 @@ _LLVM_SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 
 LANES = 4  # int32 accumulators per 128-bit q register
 K_GROUP = 4  # bytes reduced into one int32 lane by sdot
-#: Same rule as the VNNI path: pad ragged pixel axes only when half the padded lanes are real.
-MIN_PADDED_LANE_USE = 0.5
 #: Pixel vectors per register tile, in order of preference. 4 vectors x 4 output channels =
 #: 16 accumulators, 4 activation loads and 4 weight broadcasts per 16 sdot (NEON has 32 q
 #: registers); 2 x 8 needs 10 loads for the same 16 sdot.
 _PIXEL_VECTOR_CHOICES = (4, 2, 1, 3, 6, 5)
+SDOT = DotInstruction("sdot", LANES, K_GROUP, _PIXEL_VECTOR_CHOICES)
+pixel_vectors = SDOT.pixel_vectors
+padded_pixel_vectors = SDOT.padded_pixel_vectors
 #: Activation dtype of the conv -> tensor intrinsic that covers it.
 _INTRIN_BY_DTYPE = {"int8": SDOT_S8S8_PIXELS4_K4, "uint8": SDOT_U8S8_PIXELS4_K4}
 
@@ -81,31 +84,7 @@ def _intrin_funcs(a_dtype: str) -> tuple[Any, Any]:
                                        T.broadcast(T.int8(-128), 16), weights(B))
         return T.call_llvm_pure_intrin("int32x4", _LLVM_SDOT, acc, a_s8, weights(B)) - corr
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES, K_GROUP), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, K_GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vi, vk]) * T.Cast("int32", B[vk, 0, 0])
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES, K_GROUP), a_dtype, offset_factor=1)
-        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
-            T.writes(C[0:LANES])
-            # one expression: named temporaries would become local allocations (as on x86)
-            C[T.ramp(T.int32(0), 1, LANES)] = dot(C, A, B)
-
-    return desc, impl
+    return dot_intrin_pair(LANES, K_GROUP, a_dtype, dot)
 
 
 def register_intrinsics(a_dtype: str = "int8") -> str:
@@ -148,28 +127,6 @@ def _dot_conv_operands(sch: Any, conv: Any) -> tuple[int, int, str] | None:
     return data, weight, str(block.reads[data].source.dtype)
 
 
-def pixel_vectors(npix: int, row: int | None = None) -> int | None:
-    """Vectors of 4 pixels per tile, or None if no tile of whole vectors fits (see
-    :func:`apq.kernels.x86_int8.pixel_vectors` for the ``row`` rule)."""
-    for n_vec in _PIXEL_VECTOR_CHOICES:
-        tile = n_vec * LANES
-        if npix % tile == 0 and (row is None or tile % row == 0 or row % tile == 0):
-            return n_vec
-    return None
-
-
-def padded_pixel_vectors(npix: int) -> tuple[int, int]:
-    """(vectors per tile, padded pixel count) for a pixel axis no whole tile divides; least padding wins."""
-    best: tuple[int, int] | None = None
-    for n_vec in _PIXEL_VECTOR_CHOICES:
-        tile = n_vec * LANES
-        padded = -(-npix // tile) * tile
-        if best is None or padded < best[1]:
-            best = (n_vec, padded)
-    assert best is not None
-    return best
-
-
 def sdot_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
     """Is this (already inlined) NCHW conv block one the sdot pixel-lane tiling covers?"""
     ops = _dot_conv_operands(sch, conv)
@@ -189,7 +146,7 @@ def sdot_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
     npix = geo["oh"] * geo["ow"]
     if n_ic % K_GROUP or npix < 1:
         return False
-    return pixel_vectors(npix) is not None or npix / padded_pixel_vectors(npix)[1] >= MIN_PADDED_LANE_USE
+    return SDOT.covers(npix)
 
 
 def schedule_conv2d_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg: Any) -> bool:
@@ -200,8 +157,5 @@ def schedule_conv2d_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg
     the reduction), at NEON width. Expects ``conv`` already inlined and
     :func:`sdot_conv_applicable`; returns True when the function is fully scheduled.
     """
-    from apq.kernels.int8_dot_conv import DotInstruction, schedule_pointwise_dot
-
     data_i, _, a_dtype = _dot_conv_operands(sch, conv)
-    dot = DotInstruction("sdot", register_intrinsics(a_dtype), LANES, K_GROUP, pixel_vectors, padded_pixel_vectors)
-    return schedule_pointwise_dot(sch, func, conv, geo, cfg, data_i, dot)
+    return schedule_pointwise_dot(sch, func, conv, geo, cfg, data_i, SDOT, register_intrinsics(a_dtype))

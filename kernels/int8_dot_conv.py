@@ -16,22 +16,101 @@ from dataclasses import dataclass
 from typing import Any
 
 
+#: Ragged pixel counts are padded to whole pixel vectors only when at least this share of the
+#: padded lanes is real work (x86: 196 -> 208 is 94%, 49 -> 64 is 77%; a 2x2 image, 4 of 16 lanes,
+#: is not worth a packed copy and 4x the multiply-adds: it keeps the 16-bit path).
+MIN_PADDED_LANE_USE = 0.5
+
+
 @dataclass(frozen=True)
 class DotInstruction:
-    """What the shared schedule needs to know about one dot-product instruction family."""
+    """What the shared schedule needs to know about one dot-product instruction family.
+
+    ``pixel_vector_choices``: vectors of ``lanes`` pixels per register tile, in order of
+    preference (the instruction's register budget decides it; see each backend's constant).
+    """
 
     name: str  # for messages, e.g. "vpdpbusd"
-    intrin: str  # registered tensor intrinsic name
-    lanes: int  # int32 accumulators per vector register
+    lanes: int  # int32 accumulators per vector register (= pixels per vector)
     k_group: int  # bytes reduced into one lane
-    pixel_vectors: Callable[..., int | None]  # (npix, row=None) -> vectors per tile, None if no whole tile
-    padded_pixel_vectors: Callable[[int], tuple[int, int]]  # npix -> (vectors, padded pixel count)
+    pixel_vector_choices: tuple[int, ...]
+
+    def pixel_vectors(self, npix: int, row: int | None = None) -> int | None:
+        """Pixel vectors per tile, or None if no tile of whole vectors fits the image.
+
+        The tile must divide the H*W pixels. With ``row`` given it must also be a whole number
+        of rows or divide a row: an epilogue computed per tile over a rectangle of (y, x) would
+        otherwise read accumulators of the next tile (measured: silently wrong outputs on a
+        12x12 image with 16-pixel tiles). ``row=None`` is for an epilogue iterating the flat
+        H*W axis (:func:`apq.kernels.cpu_schedules.flatten_pixels`), where any divisor is fine:
+        that is what lets 56x56 and 28x28 images (rows of 3.5 and 1.75 vectors) use VNNI.
+        """
+        for n_vec in self.pixel_vector_choices:
+            tile = n_vec * self.lanes
+            if npix % tile == 0 and (row is None or tile % row == 0 or row % tile == 0):
+                return n_vec
+        return None
+
+    def padded_pixel_vectors(self, npix: int) -> tuple[int, int]:
+        """(vectors per tile, padded pixel count) for a pixel axis no whole tile divides.
+
+        The smallest padding wins (x86: 196 -> 208 with 1-vector tiles, 49 -> 64), ties go to
+        the order of ``pixel_vector_choices``.
+        """
+        best: tuple[int, int] | None = None
+        for n_vec in self.pixel_vector_choices:
+            tile = n_vec * self.lanes
+            padded = -(-npix // tile) * tile
+            if best is None or padded < best[1]:
+                best = (n_vec, padded)
+        assert best is not None
+        return best
+
+    def covers(self, npix: int) -> bool:
+        """Whole vectors divide the pixels, or padding them wastes less than half the lanes."""
+        return self.pixel_vectors(npix) is not None or npix / self.padded_pixel_vectors(npix)[1] >= MIN_PADDED_LANE_USE
+
+
+def dot_intrin_pair(lanes: int, k_group: int, a_dtype: str, dot: Callable[[Any, Any, Any], Any]) -> tuple[Any, Any]:
+    """(desc, impl) PrimFuncs of a ``lanes`` pixels x ``k_group`` channels int8 dot product.
+
+    ``A``: the packed input tile; ``B``: the ``k_group`` weights of one output channel (a
+    ``[k_group, 1, 1]`` slice of a pointwise OIHW weight); ``C``: ``lanes`` local int32
+    accumulators. ``dot(C, A, B)`` returns the new accumulator vector: the backend's LLVM call.
+    It is stored as one expression because named temporaries would become local allocations.
+    """
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes, k_group), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (k_group, 1, 1), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:k_group], B[0:k_group, 0:1, 0:1])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, k_group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vi, vk]) * T.Cast("int32", B[vk, 0, 0])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes, k_group), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (k_group, 1, 1), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:k_group], B[0:k_group, 0:1, 0:1])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = dot(C, A, B)
+
+    return desc, impl
 
 
 def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], cfg: Any, data_i: int,
-                           dot: DotInstruction) -> bool:
+                           dot: DotInstruction, intrin: str) -> bool:
     """Tile a pointwise int8 conv so its inner (``lanes`` pixels x ``k_group`` channels) block is
-    ``dot.intrin``; returns True when the function is fully scheduled.
+    ``intrin`` (a tensor intrinsic registered for ``dot``); returns True when the function is fully scheduled.
 
     Ragged pixel counts pad the conv's flat pixel axis (needs a 4-D epilogue); otherwise the
     accumulator (and, when possible, the epilogue) is flattened to H*W so tiles may cross rows.
@@ -73,11 +152,11 @@ def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], 
     done = {sch.get(acc).name_hint, sch.get(pack).name_hint, _tile_consumer(sch, func, acc, outer, dot.lanes)}
     init = sch.decompose_reduction(acc, rco)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(pl, dot.intrin)
+    sch.tensorize(pl, intrin)
     sch.unroll(fi)
     sch.unroll(pv)
     Conv2dNCHWRule._schedule_rest(sch, cfg, done)
     return True
 
 
-__all__ = ["DotInstruction", "schedule_pointwise_dot"]
+__all__ = ["MIN_PADDED_LANE_USE", "DotInstruction", "dot_intrin_pair", "schedule_pointwise_dot"]

@@ -25,7 +25,7 @@ Scope (everything else keeps the LLVM-vectorized path of :mod:`apq.kernels.cpu_s
 stride-1 pointwise convs, ``groups == 1``, uint8 activations, int8 weights, int32
 accumulation, input channels a multiple of 4. H*W that splits into no whole 16-pixel vectors
 (14x14 and 7x7 images: 196 and 49 pixels) is padded (:func:`_pad_and_pack_activations`) when
-at least :data:`MIN_PADDED_LANE_USE` of the padded lanes are real pixels. Not covered:
+at least :data:`apq.kernels.int8_dot_conv.MIN_PADDED_LANE_USE` of the padded lanes are real pixels. Not covered:
 signed int8 activations (exact via ``x + 128`` as uint8 and a ``-128 * sum(W)`` correction,
 but that changes the computation, which a schedule cannot do: it belongs in the Relax-level
 QDQ lowering), KxK / strided convs (their weights would need a per-call repack, or a
@@ -37,55 +37,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from apq.kernels.int8_dot_conv import DotInstruction, dot_intrin_pair, schedule_pointwise_dot
+
 #: Name under which the tensor intrinsic is registered in TVM's TensorIntrin table.
 VNNI_U8S8_PIXELS16_K4 = "apq_vnni_u8s8i32_pixels16_k4"
 #: LLVM intrinsic (LLVM 22 operand types: <16 x i32>, <64 x i8>, <64 x i8> -> <16 x i32>).
 _LLVM_VPDPBUSD_512 = "llvm.x86.avx512.vpdpbusd.512"
 
 LANES = 16  # int32 accumulators per zmm register
-#: Ragged pixel counts are padded to whole 16-pixel vectors only when at least this share of
-#: the padded lanes is real work (196 -> 208: 94%, 49 -> 64: 77%; a 2x2 image, 4 of 16, is not
-#: worth a packed copy and 4x the multiply-adds: it keeps the 16-bit path).
-MIN_PADDED_LANE_USE = 0.5
 K_GROUP = 4  # bytes reduced into one int32 lane by vpdpbusd
 
 
 def _intrin_funcs() -> tuple[Any, Any]:
-    """(desc, impl) PrimFuncs of the 16-pixel x 4-channel dot product.
-
-    ``A``: 16 pixels x 4 channels of the packed input; ``B``: the 4 weights of one output
-    channel, a ``[4, 1, 1]`` slice of a pointwise OIHW weight; ``C``: 16 local accumulators.
-    """
+    """(desc, impl) PrimFuncs of the 16-pixel x 4-channel u8 x s8 dot product (one vpdpbusd)."""
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES, K_GROUP), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
-            T.writes(C[0:LANES])
-            for i, k in T.grid(LANES, K_GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vi, vk]) * T.Cast("int32", B[vk, 0, 0])
+    def dot(C: Any, A: Any, B: Any) -> Any:  # the 4 weight bytes repeated in every lane: <64 x i8>
+        weights = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0, 0, 0], "int8x4"), dtype="int32"), LANES),
+                                dtype="int8x64")
+        return T.call_llvm_pure_intrin("int32x16", _LLVM_VPDPBUSD_512, C.vload([0], "int32x16"),
+                                       A.vload([0, 0], "uint8x64"), weights)
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES, K_GROUP), "uint8", offset_factor=1)
-        B = T.match_buffer(b, (K_GROUP, 1, 1), "int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), "int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:LANES, 0:K_GROUP], B[0:K_GROUP, 0:1, 0:1])
-            T.writes(C[0:LANES])
-            # written as one expression: named temporaries would become local allocations
-            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
-                "int32x16", _LLVM_VPDPBUSD_512, C.vload([0], "int32x16"), A.vload([0, 0], "uint8x64"),
-                T.reinterpret(T.broadcast(T.reinterpret(B.vload([0, 0, 0], "int8x4"), dtype="int32"), LANES),
-                              dtype="int8x64"))
-
-    return desc, impl
+    return dot_intrin_pair(LANES, K_GROUP, "uint8", dot)
 
 
 def register_intrinsics() -> str:
@@ -142,29 +115,16 @@ def vnni_conv_applicable(sch: Any, conv: Any, geo: dict[str, int]) -> bool:
     npix = geo["oh"] * geo["ow"]
     if n_ic % K_GROUP or npix < 1:
         return False
-    return pixel_vectors(npix) is not None or npix / padded_pixel_vectors(npix)[1] >= MIN_PADDED_LANE_USE
+    return VNNI.covers(npix)
 
 
 #: Pixel vectors per register tile, in order of preference (2 amortizes each weight
 #: broadcast over two vpdpbusd; more vectors leave fewer registers for output channels).
 _PIXEL_VECTOR_CHOICES = (2, 1, 4, 3, 5, 6)
-
-
-def pixel_vectors(npix: int, row: int | None = None) -> int | None:
-    """Vectors of 16 pixels per tile, or None if no tile of whole vectors fits the image.
-
-    The tile must divide the H*W pixels. With ``row`` given it must also be a whole number
-    of rows or divide a row: an epilogue computed per tile over a rectangle of (y, x) would
-    otherwise read accumulators of the next tile (measured: silently wrong outputs on a
-    12x12 image with 16-pixel tiles). ``row=None`` is for an epilogue iterating the flat
-    H*W axis (:func:`apq.kernels.cpu_schedules.flatten_pixels`), where any divisor is fine:
-    that is what lets 56x56 and 28x28 images (rows of 3.5 and 1.75 vectors) use VNNI.
-    """
-    for n_vec in _PIXEL_VECTOR_CHOICES:
-        tile = n_vec * LANES
-        if npix % tile == 0 and (row is None or tile % row == 0 or row % tile == 0):
-            return n_vec
-    return None
+VNNI = DotInstruction("vpdpbusd", LANES, K_GROUP, _PIXEL_VECTOR_CHOICES)
+#: Public names kept for callers: the rules live in :class:`apq.kernels.int8_dot_conv.DotInstruction`.
+pixel_vectors = VNNI.pixel_vectors
+padded_pixel_vectors = VNNI.padded_pixel_vectors
 
 
 def _pack_activations(sch: Any, conv: Any, data_i: int, width: int, cfg: Any) -> Any:
@@ -190,22 +150,6 @@ def _schedule_pack(sch: Any, pack: Any, cfg: Any) -> None:
     size = int(sch.get(rows).extent) * int(sch.get(pix).extent) * K_GROUP
     if cfg.num_cores > 1 and int(sch.get(rows).extent) > 1 and size >= cfg.min_parallel_work:
         sch.parallel(rows)
-
-
-def padded_pixel_vectors(npix: int) -> tuple[int, int]:
-    """(vectors per tile, padded pixel count) for a pixel axis no whole tile divides.
-
-    The smallest padding wins (196 -> 208 with 1-vector tiles, 49 -> 64), ties go to the
-    order of :data:`_PIXEL_VECTOR_CHOICES` (2 vectors amortize each weight broadcast).
-    """
-    best: tuple[int, int] | None = None
-    for n_vec in _PIXEL_VECTOR_CHOICES:
-        tile = n_vec * LANES
-        padded = -(-npix // tile) * tile
-        if best is None or padded < best[1]:
-            best = (n_vec, padded)
-    assert best is not None
-    return best
 
 
 def _pad_and_pack_activations(sch: Any, acc: Any, data_i: int, padded: int, cfg: Any) -> Any:
@@ -250,8 +194,5 @@ def schedule_conv2d_vnni(sch: Any, func: Any, conv: Any, geo: dict[str, int], cf
     Expects ``conv`` already inlined (see :func:`vnni_conv_applicable`); returns True when
     the function is fully scheduled.
     """
-    from apq.kernels.int8_dot_conv import DotInstruction, schedule_pointwise_dot
-
     data_i, _ = _vnni_conv_operands(sch, conv)
-    dot = DotInstruction("vpdpbusd", register_intrinsics(), LANES, K_GROUP, pixel_vectors, padded_pixel_vectors)
-    return schedule_pointwise_dot(sch, func, conv, geo, cfg, data_i, dot)
+    return schedule_pointwise_dot(sch, func, conv, geo, cfg, data_i, VNNI, register_intrinsics())
