@@ -193,6 +193,10 @@ int main(int argc, char **argv) {
 """
 
 
+class MeasureError(RuntimeError):
+    """Why nothing could be measured (printed as one line, exit 2)."""
+
+
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -217,13 +221,18 @@ def measure(seconds: float) -> dict[str, float]:
     """Compile the two loops with gcc and run them pinned to one thread; returns MAC rates."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
-        raise SystemExit("isa_peak: no C compiler (gcc) found")
+        raise MeasureError("no C compiler (gcc) found")
     with tempfile.TemporaryDirectory(prefix="apq-isa-") as tmp:
         src, exe = Path(tmp) / "peak.c", Path(tmp) / "peak"
         src.write_text(C_SOURCE)
-        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-mavx512vpopcntdq", "-mavx512vl", str(src), "-o", str(exe)],
-                       check=True)
-        out = subprocess.run([str(exe), str(seconds)], check=True, capture_output=True, text=True).stdout
+        built = subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-mavx512vpopcntdq", "-mavx512vl", str(src),
+                                "-o", str(exe)], capture_output=True, text=True)
+        if built.returncode != 0:
+            raise MeasureError(f"{cc} could not build the AVX-512 loops: {built.stderr.strip().splitlines()[-1:]}")
+        ran = subprocess.run([str(exe), str(seconds)], capture_output=True, text=True)
+        if ran.returncode != 0:
+            raise MeasureError(f"the measuring program failed with exit code {ran.returncode}")
+        out = ran.stdout
     return json.loads(out)
 
 
@@ -248,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"isa_peak: this CPU lacks {missing}; nothing to measure", file=sys.stderr)
         return 2
-    rates = measure(args.seconds)
+    try:
+        rates = measure(args.seconds)
+    except MeasureError as err:
+        print(f"isa_peak: {err}", file=sys.stderr)
+        return 2
     record = {
         "cpu": cpu_model(), "threads": 1, "source": "measured",
         "vnni_int8_gops": round(2 * rates["vnni_int8_macs_per_s"] / 1e9, 1),

@@ -119,7 +119,7 @@ class KnobChoice:
         return bool(self.overrides)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "source": "measured"}  # the *_ms are timings of compiled kernels here
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "KnobChoice":

@@ -60,6 +60,7 @@ class TaskChoice:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["gain"] = None if self.gain is None else round(self.gain, 4)
+        d["source"] = "measured"  # apq_ms / tuned_ms are timings of compiled kernels on this machine
         return d
 
     @staticmethod
