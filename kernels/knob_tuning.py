@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apq.kernels.interleaved import interleaved_samples
 from apq.kernels.cpu_schedules import RULES, CpuScheduleConfig
 from apq.toolchain.errors import InvalidInputError
 
@@ -384,16 +385,13 @@ def time_candidates(funcs: list[Any], target: Any, cfg: KnobTuneConfig, seed: in
         elif ref is None or not _outputs_match(ref, outs):
             continue
         ready[i] = (lib, args)
-    best: dict[int, float] = {}
-    order = list(ready)
-    for r in range(cfg.rounds):
-        for i in (order if r % 2 == 0 else order[::-1]):
-            lib, args = ready[i]
-            ev = lib.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat,
-                                    min_repeat_ms=cfg.min_repeat_ms)
-            t = min(ev(*args).results) * 1e3
-            best[i] = min(best.get(i, t), t)
-    return [best.get(i) for i in range(len(funcs))]
+    def best_repeat_ms(i: int) -> float:
+        lib, args = ready[i]
+        ev = lib.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat, min_repeat_ms=cfg.min_repeat_ms)
+        return min(ev(*args).results) * 1e3
+
+    samples = interleaved_samples(list(ready), cfg.rounds, best_repeat_ms)
+    return [min(samples[i]) if samples.get(i) else None for i in range(len(funcs))]
 
 
 # --------------------------------------------------------------------------- tuning

@@ -29,10 +29,18 @@ def prepare_passes(target: Any) -> list[Any]:
     """Dispatch + legalize + FuseOps + FuseTIR: the passes whose output apq schedules.
 
     Shared with kernels/tuning.py so MetaSchedule tunes exactly the PrimFuncs the build sees.
+    The same passes as TVM's ``cpu_generic.legalize_passes`` except that ``relax.quantize``
+    legalizes through :mod:`apq.kernels.requantize` (the exact division-free requantize).
     """
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    from apq.kernels.requantize import legalize_map
+
+    legalize = [relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
+                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return cpu.library_dispatch_passes(target) + legalize
 
 
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,

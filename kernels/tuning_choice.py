@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from apq.kernels.interleaved import interleaved_samples
+
 CHOICES_FILE = "apq_choices.json"
 CHOICES_VERSION = 1
 APQ, TUNED = "apq", "tuned"
@@ -205,7 +207,7 @@ def measure_modules(mods: list[Any | None], target: Any, runner_cfg: RunnerConfi
     ``runner_cfg``'s EvaluatorConfig and threads) as the tuner's records were timed with, but in
     this process: a runner worker would import TVM again (~20 s here) for a few seconds of timing,
     and these candidates (apq's schedule, an already-measured record) need no crash isolation.
-    Candidates are timed in ``rounds`` passes whose order alternates.
+    Candidates are timed in ``rounds`` interleaved passes (kernels/interleaved.py).
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -224,15 +226,11 @@ def measure_modules(mods: list[Any | None], target: Any, runner_cfg: RunnerConfi
             continue
         args_info = tuple(a.as_json() for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
         ready[i] = (lib, default_alloc_argument(dev, args_info, 1))
-    secs: dict[int, list[float]] = {i: [] for i in ready}
-    order = list(ready)
-    for r in range(max(1, runner_cfg.rounds)):
-        for i in (order if r % 2 == 0 else order[::-1]):
-            lib, args = ready[i]
-            try:
-                secs[i].append(statistics.median(default_run_evaluator(lib, dev, runner_cfg.evaluator(), args)))
-            except Exception:
-                continue
+    def median_s(i: int) -> float:
+        lib, args = ready[i]
+        return statistics.median(default_run_evaluator(lib, dev, runner_cfg.evaluator(), args))
+
+    secs = interleaved_samples(list(ready), runner_cfg.rounds, median_s)
     return [statistics.median(secs[i]) * 1e3 if secs.get(i) else None for i in range(len(mods))]
 
 

@@ -114,9 +114,8 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
         # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
         # whole model 0.71x -> 0.83x of onnxruntime. 1x1 convs stay int32 for VNNI.
-        # No reciprocal_requant: folding the requantize division into one multiply (as ORT's
-        # optimized QLinearConv does) was measured faster (int8 224 px 0.74x -> 0.89x of ORT) but
-        # breaks the ONNX rounding semantics on rare inputs (see qdq_lowering's docstring).
+        # The requantize division stays in the graph; kernels/requantize.py legalizes it without a
+        # divide instruction, bit-identical to the division (ONNX semantics).
         mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni, float_accumulation=vnni)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
             mod = lower_bitserial(mod, target, policy)

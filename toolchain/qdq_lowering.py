@@ -26,21 +26,10 @@ bit-identical to int32 whenever the sums stay within 2^24 (checked per conv on t
 weights, see :func:`float_accumulation_is_exact`) and runs as one FMA per tap instead of
 LLVM's byte -> int16 -> int32 widening.
 
-On request (``reciprocal_requant``) a requantization ``quantize(acc * m, s_y, z_y)`` that
-follows a rescale by the constant ``m`` becomes ``quantize(acc * (m / s_y), 1, z_y)``: one
-multiply by a folded per-channel multiplier instead of a multiply and a float division per
-output (``vdivps``: ~10x a multiply's cost; 12% of int8 MobileNetV2 at 224 px, 1 thread,
-3.05 -> 2.68 ms thread time). This is what onnxruntime's QLinearConv does (its multiplier is
-``s_x * s_w / s_y``), so it may flip an output by one LSB where the division would round the
-other way: exact against the unscheduled build of the same lowered graph, within one output
-step of the QDQ graph's division. It reproduces onnxruntime's *optimized* QLinearConv, not the
-ONNX operators' semantics that ``apq verify`` checks against (unoptimized onnxruntime):
-``rint(a * fl(m / s))`` and ``rint(fl(a * m) / s)`` fall on opposite sides of a .5 boundary in
-rare outputs (87 of 2M random pairs), and a one-step flip in a middle layer grows to two steps
-at the output: measured on int8 MobileNetV2 at 32 px, x86 and aarch64 alike, the folded form
-missed the reference by 0.048 (tolerance 0.024) on 1 of 20 inputs. So it is off in
-``apq compile``; an exact alternative (reciprocal plus one FMA correction step, which matched
-the division bit for bit in a NumPy check) is not built yet.
+The requantization's division by ``s_y`` is kept in the graph: apq's legalization
+(kernels/requantize.py) computes it without a divide instruction, bit-identical to the division.
+Folding ``1 / s_y`` into the rescale (onnxruntime's optimized QLinearConv) was tried and
+dropped: it flips rare outputs by one step against the ONNX semantics.
 
 Anything the rewrite cannot prove exact (nonzero weight zero points, per-channel activation
 scales, non-NCHW layouts) stays float and :func:`apq.toolchain.layers.describe_layers`
@@ -428,38 +417,8 @@ def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
     return dpl.rewrite_call(pattern, rewrite, func)
 
 
-def fold_requant_scales(func: Any) -> Any:
-    """``quantize(x * m, s, z)`` with constant ``m`` and scalar constant ``s != 1`` ->
-    ``quantize(x * (m / s), 1, z)`` (see ``reciprocal_requant`` in the module docstring).
-
-    The multiplier is computed in float64 and rounded once to float32, like onnxruntime's
-    QLinearConv multiplier; quantize keeps its rounding (half to even) and saturation. A
-    division by 1.0 is exact and LLVM drops it. Quantizes with ``s == 1`` are left alone, so
-    the rewrite reaches a fixpoint.
-    """
-    from tvm import relax
-    from tvm.relax import dpl
-
-    x, m, s, z = dpl.wildcard(), dpl.is_const(), dpl.is_const(), dpl.is_const()
-    scaled = dpl.is_op("relax.multiply")(x, m)
-    pattern = dpl.is_op("relax.quantize")(scaled, s, z)
-
-    def rewrite(expr: Any, matches: Any) -> Any:
-        mv, sv = _const(matches[m]), _const(matches[s])
-        if (mv is None or sv is None or sv.size != 1 or float(sv.reshape(-1)[0]) in (0.0, 1.0)
-                or str(mv.dtype) != "float32" or str(sv.dtype) != "float32"):
-            return expr
-        folded = (mv.astype(np.float64) / float(sv.reshape(-1)[0])).astype(np.float32)
-        return relax.op.quantize(relax.op.multiply(matches[x], relax.const(folded)),
-                                 relax.const(np.ones(sv.shape, np.float32)), matches[z],
-                                 axis=int(expr.attrs.axis), out_dtype=str(expr.attrs.out_dtype))
-
-    return dpl.rewrite_call(pattern, rewrite, func)
-
-
 def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main",
-              uint8_pointwise: bool = False, float_accumulation: bool = False,
-              reciprocal_requant: bool = False) -> Any:
+              uint8_pointwise: bool = False, float_accumulation: bool = False) -> Any:
     """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
 
     ``bits_hint`` is :func:`read_bits_hint`'s result (or None: all weights 8-bit). Returns a
@@ -472,10 +431,6 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     VNNI takes the 1x1 convs; int8 MobileNetV2 at 224 px 0.67x -> 0.83x of onnxruntime), not
     yet measured on ARM. Off by default: the layer report then names these kernels
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
-    ``reciprocal_requant`` folds each requantization's ``1 / s_y`` into the rescale
-    (:func:`fold_requant_scales`): no float division per output, onnxruntime's rounding
-    instead of the division's (they differ by one LSB in rare outputs, which can grow to two
-    output steps through a network: not the ONNX semantics, so not used by apq compile).
     """
     from tvm import relax
 
@@ -484,8 +439,6 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     func = mod[func_name]
     for rule in RULES:
         func = _apply_rule(func, rule, state)
-    if reciprocal_requant:
-        func = fold_requant_scales(func)
     if state.errors:  # raised here: exceptions inside the rewriter callback lose their type in the FFI
         raise InvalidInputError(state.errors[0])
     func = relax.analysis.remove_all_unused(func)

@@ -1,0 +1,118 @@
+"""Exact division-free requantization: ONNX QuantizeLinear's ``rint(x / s)`` without a divide.
+
+Why: every int8 layer ends in ``quantize(acc * m, s, z) = saturate(rint(fl(acc * m) / s) + z)``
+and TVM's legalization emits that ``/ s`` as a float division per output (``vdivps``, ~10x a
+multiply's cost): 12% of int8 MobileNetV2's time at 224 px, 1 thread. onnxruntime's optimized
+QLinearConv multiplies by a folded ``m / s`` instead, but ``rint(a * fl(m / s))`` and
+``rint(fl(a * m) / s)`` differ in rare outputs, and a one-step flip in a middle layer grows to
+two steps at the output (docs/tvm_pitfalls.md; ``apq verify`` checks against the ONNX
+semantics, i.e. the division).
+
+How: Markstein's correction step (P. Markstein, IBM J. Res. Dev. 34(1), 1990, Theorem 1; also
+Cornea, Harrison, Tang, *Scientific Computing on Itanium-based Systems*, 2002). With
+``r = RN(1/s)`` (computed once at compile time; IEEE float32 division is correctly rounded):
+
+    q0 = RN(x * r)           # within one ulp of x / s
+    e  = fma(-q0, s, x)      # the residual x - q0 * s, exact (no rounding) for such q0
+    q  = fma(e, r, q0)       # == RN(x / s), the correctly rounded quotient
+
+so ``q`` is bit-identical to the division for every finite ``x``, and the rest of the
+quantize (round half to even, + z, saturate) is unchanged. Cost: one multiply and two FMAs
+instead of one division. Preconditions checked here at compile time: the scale is a scalar
+float32 constant, finite, and a normal number with enough headroom that the residual ``e``
+cannot be subnormal where the rounding matters (``|x / s| >= 0.5``); anything else falls back
+to TVM's default legalization (the division). Non-finite ``x``: ``inf`` would make ``e`` NaN,
+so ``q0`` is returned where it is not finite (the division gives the same ``inf``; NaN stays
+NaN either way).
+
+Exactness is tested, not just argued: tests/test_requantize.py compares the compiled kernel
+with NumPy's float32 division on boundary-heavy inputs for many scales, and
+tests/test_compile_parity.py checks whole int8 networks against unoptimized onnxruntime.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: scales outside [2^-100, 2^100] keep the division: there the residual of a quotient >= 0.5
+#: could leave float32's normal range and lose the exactness the correction step relies on.
+SCALE_MIN, SCALE_MAX = 2.0 ** -100, 2.0 ** 100
+
+
+def exact_reciprocal(scale: float) -> float | None:
+    """``RN(1/scale)`` in float32 when the correction step is exact for this scale, else None."""
+    s = np.float32(scale)
+    if not np.isfinite(s) or not (SCALE_MIN <= abs(float(s)) <= SCALE_MAX):
+        return None
+    return float(np.float32(1.0) / s)
+
+
+def exact_quotient(x: Any, scale: Any, reciprocal: Any) -> Any:
+    """TIR expression equal to ``RN(x / scale)`` for float32 ``x`` (see the module docstring).
+
+    ``scale`` and ``reciprocal`` are Python floats (compile-time constants, the legalization's
+    case) or float32 PrimExprs (the exhaustive test feeds them per row at run time).
+    """
+    from tvm import tirx
+    from tvm.tirx.op import fma, isinf  # not re-exported by tvm.tirx in 0.27
+
+    s = tirx.const(scale, "float32") if isinstance(scale, float) else scale
+    r = tirx.const(reciprocal, "float32") if isinstance(reciprocal, float) else reciprocal
+    q0 = x * r
+    residual = fma(-q0, s, x)
+    corrected = fma(residual, r, q0)
+    # |q0| == inf only for x = +-inf (or a quotient beyond float32's range, which saturates
+    # anyway): keep q0 there, where the FMAs would give NaN.
+    return tirx.Select(isinf(q0), q0, corrected)
+
+
+def _scalar_value(expr: Any) -> np.ndarray | None:
+    """The one element of a constant (a 0-d or size-1 tensor), else None."""
+    from apq.toolchain.layers import const_value
+
+    value = const_value(expr)
+    return None if value is None or value.size != 1 else value.reshape(-1)[0]
+
+
+def _saturate(value: Any, dtype: str) -> Any:
+    from tvm import te, tirx
+
+    return te.max(te.min(value, tirx.max_value(dtype)), tirx.min_value(dtype)).astype(dtype)
+
+
+def legalize_quantize(bb: Any, call: Any) -> Any:
+    """``relax.quantize`` -> TE, dividing by a scalar constant scale without a divide.
+
+    Same computation, rounding and saturation as TVM's default legalization (which it falls
+    back to for per-channel or non-constant scales, float outputs, or scales the correction
+    step does not cover), so fusion and apq's schedules see the same single elementwise block.
+    """
+    import tvm
+    from tvm import te, tirx
+
+    default = tvm.ir.Op.get("relax.quantize").get_attr("FLegalize")
+    scale, zp = _scalar_value(call.args[1]), _scalar_value(call.args[2])
+    out_dtype = str(call.attrs.out_dtype)
+    reciprocal = exact_reciprocal(float(scale)) if scale is not None and scale.dtype == np.float32 else None
+    if reciprocal is None or zp is None or "int" not in out_dtype:
+        return default(bb, call)
+    scale, zp = float(scale), int(zp)
+
+    def compute(data: Any) -> Any:
+        def element(*indices: Any) -> Any:
+            q = exact_quotient(data[indices], scale, reciprocal)
+            return _saturate(te.round(q) + tirx.const(zp, "float32"), out_dtype)
+
+        return te.compute(data.shape, element, name="quantized")
+
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="quantize")
+
+
+def legalize_map() -> dict[str, Any]:
+    """Overrides for ``relax.transform.LegalizeOps(customize_legalize_map=...)``."""
+    return {"relax.quantize": legalize_quantize}
+
+
+__all__ = ["exact_reciprocal", "exact_quotient", "legalize_quantize", "legalize_map", "SCALE_MIN", "SCALE_MAX"]
