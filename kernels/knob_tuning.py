@@ -55,6 +55,7 @@ KNOB_SPACE: dict[str, tuple[dict[str, Any], ...]] = {
         {"dw_max_row_tile": 4},
         {"dw_max_oc_tile": 2, "dw_max_row_tile": 4},
         {"per_channel_padding": False},
+        {"partition_padding": True},
     ),
     "matmul": (
         {"gemv_stream": False},

@@ -21,9 +21,8 @@ quantize (round half to even, + z, saturate) is unchanged. Cost: one multiply an
 instead of one division. Preconditions checked here at compile time: the scale is a scalar
 float32 constant, finite, and a normal number with enough headroom that the residual ``e``
 cannot be subnormal where the rounding matters (``|x / s| >= 0.5``); anything else falls back
-to TVM's default legalization (the division). Non-finite ``x``: ``inf`` would make ``e`` NaN,
-so ``q0`` is returned where it is not finite (the division gives the same ``inf``; NaN stays
-NaN either way).
+to TVM's default legalization (the division). Non-finite and huge ``x`` are clamped first
+(:data:`SATURATION_QUOTIENT`), which changes no output.
 
 Exactness is tested, not just argued: tests/test_requantize.py compares the compiled kernel
 with NumPy's float32 division on boundary-heavy inputs for many scales, and
@@ -40,6 +39,15 @@ import numpy as np
 #: could leave float32's normal range and lose the exactness the correction step relies on.
 SCALE_MIN, SCALE_MAX = 2.0 ** -100, 2.0 ** 100
 
+#: ``x`` is clamped to ``+-s * 2^24`` before dividing: every quotient at or beyond that bound
+#: saturates any integer output of <= 16 bits exactly as the division's would, so the result is
+#: unchanged, while the correction step never sees an infinite or overflowing quotient (where its
+#: FMAs would give NaN). NaN inputs end at the same saturated value as the division's (TVM's
+#: float min/max return the non-NaN operand there, as its saturating clip does). Why not test
+#: for non-finite values instead: ``isinf``/``isnan`` in TIR lowered to code 4x slower than the
+#: division, and ``q == q`` is folded to true by TVM's (not IEEE-aware) simplifier.
+SATURATION_QUOTIENT = 2.0 ** 24
+
 
 def exact_reciprocal(scale: float) -> float | None:
     """``RN(1/scale)`` in float32 when the correction step is exact for this scale, else None."""
@@ -50,22 +58,20 @@ def exact_reciprocal(scale: float) -> float | None:
 
 
 def exact_quotient(x: Any, scale: Any, reciprocal: Any) -> Any:
-    """TIR expression equal to ``RN(x / scale)`` for float32 ``x`` (see the module docstring).
+    """TIR expression equal to ``RN(x / scale)`` for finite float32 ``x`` whose quotient is
+    finite (see the module docstring; :func:`legalize_quantize` clamps ``x`` first).
 
     ``scale`` and ``reciprocal`` are Python floats (compile-time constants, the legalization's
     case) or float32 PrimExprs (the exhaustive test feeds them per row at run time).
     """
     from tvm import tirx
-    from tvm.tirx.op import fma, isinf  # not re-exported by tvm.tirx in 0.27
+    from tvm.tirx.op import fma  # not re-exported by tvm.tirx in 0.27
 
     s = tirx.const(scale, "float32") if isinstance(scale, float) else scale
     r = tirx.const(reciprocal, "float32") if isinstance(reciprocal, float) else reciprocal
     q0 = x * r
     residual = fma(-q0, s, x)
-    corrected = fma(residual, r, q0)
-    # |q0| == inf only for x = +-inf (or a quotient beyond float32's range, which saturates
-    # anyway): keep q0 there, where the FMAs would give NaN.
-    return tirx.Select(isinf(q0), q0, corrected)
+    return fma(residual, r, q0)
 
 
 def _scalar_value(expr: Any) -> np.ndarray | None:
@@ -74,6 +80,10 @@ def _scalar_value(expr: Any) -> np.ndarray | None:
 
     value = const_value(expr)
     return None if value is None or value.size != 1 else value.reshape(-1)[0]
+
+
+def _bits(dtype: str) -> int:
+    return int("".join(ch for ch in dtype if ch.isdigit()) or 0)
 
 
 def _saturate(value: Any, dtype: str) -> Any:
@@ -96,13 +106,16 @@ def legalize_quantize(bb: Any, call: Any) -> Any:
     scale, zp = _scalar_value(call.args[1]), _scalar_value(call.args[2])
     out_dtype = str(call.attrs.out_dtype)
     reciprocal = exact_reciprocal(float(scale)) if scale is not None and scale.dtype == np.float32 else None
-    if reciprocal is None or zp is None or "int" not in out_dtype:
+    if reciprocal is None or zp is None or "int" not in out_dtype or _bits(out_dtype) > 16:
         return default(bb, call)
     scale, zp = float(scale), int(zp)
 
+    bound = tirx.const(float(np.float32(abs(scale) * SATURATION_QUOTIENT)), "float32")
+
     def compute(data: Any) -> Any:
         def element(*indices: Any) -> Any:
-            q = exact_quotient(data[indices], scale, reciprocal)
+            clamped = te.max(te.min(data[indices], bound), -bound)  # +-inf, NaN: see SATURATION_QUOTIENT
+            q = exact_quotient(clamped, scale, reciprocal)
             return _saturate(te.round(q) + tirx.const(zp, "float32"), out_dtype)
 
         return te.compute(data.shape, element, name="quantized")

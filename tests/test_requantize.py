@@ -94,10 +94,12 @@ def _quantize_module(scale: float, zero_point: int, dtype: str):
 
 
 @pytest.mark.parametrize("dtype,zero_point", [("int8", 0), ("uint8", 128), ("int8", -3)])
-def test_pipeline_quantize_is_division_free_and_matches_onnx_rounding(dtype, zero_point):
+def test_pipeline_quantize_is_division_free_and_matches_onnx_rounding(dtype, zero_point, monkeypatch):
     from tvm import relax
 
+    from apq.kernels import requantize
     from apq.kernels.pipeline import compile_relax, prepare_passes
+    from apq.kernels.requantize import legalize_map
     from apq.targets.registry import get_target
 
     target = tvm.target.Target(get_target("host").tvm_target)
@@ -111,9 +113,15 @@ def test_pipeline_quantize_is_division_free_and_matches_onnx_rounding(dtype, zer
     k = rng.integers(-200, 200, 2048).astype(np.float32)
     half = ((k + np.float32(0.5)) * np.float32(scale)).astype(np.float32)
     x = np.concatenate([half, (rng.standard_normal(2048) * 3).astype(np.float32)])
-    x[:3] = [np.inf, -np.inf, 1e30]  # saturate like the division does
-    vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    x[:5] = [np.inf, -np.inf, 1e30, -1e30, np.nan]  # saturate like the division does
+    x[5:7] = [np.float32(0.0173) * (1 << 24), -np.float32(0.0173) * (1 << 24)]  # at the clamp bound
+    got = {}
+    for name, overrides in (("apq", legalize_map()), ("division", {})):  # the latter: TVM's own legalization
+        monkeypatch.setattr(requantize, "legalize_map", lambda o=overrides: o)
+        vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
+        got[name] = vm["main"](tvm.runtime.tensor(x)).numpy()
     info = np.iinfo(dtype)
-    want = np.clip(np.rint(x / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
-    assert np.array_equal(got, want)
+    finite = np.isfinite(x)
+    want = np.clip(np.rint(x[finite] / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
+    assert np.array_equal(got["apq"][finite], want)
+    assert np.array_equal(got["apq"], got["division"])  # inf, -inf and NaN included
