@@ -207,12 +207,9 @@ def compute_figures(cfg: FiguresConfig) -> dict[str, Any]:
 
 def plot_figures(fig: dict[str, Any], path: str | Path, x: str = "macs") -> Path:
     """Top-1 of the random subnets (float and mixed) vs MACs or params, largest/smallest marked."""
-    import matplotlib
+    from apq.toolchain.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_, ax = plt.subplots(figsize=(10, 5))
+    fig_, ax = new_figure(10, 5)
     scale, unit = (1e6, "M") if x == "macs" else (1e3, "k")
     rows = fig.get("random_spread", {}).get("rows", [])
     for policy, style in (("float", dict(marker="o", color="#4477aa")), ("mixed", dict(marker="^", color="#ee6677"))):
@@ -230,17 +227,14 @@ def plot_figures(fig: dict[str, Any], path: str | Path, x: str = "macs") -> Path
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the data
     n = fig["fixed"][0]["samples"] if fig["fixed"] else 0
+    n_random = rows[0]["samples"] if rows else n
+    images = f"{n} images" if n_random == n or not fig["fixed"] else f"largest/smallest {n} images, random {n_random}"
     ax.set_xlabel(f"{x} per image ({unit})")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"measured: {fig['dataset']} test top-1 ({n} images), checkpoint {fig['checkpoint']['sha256'][:8]}",
+    ax.set_title(f"measured: {fig['dataset']} test top-1 ({images}), checkpoint {fig['checkpoint']['sha256'][:8]}",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    fig_.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig_.savefig(out, dpi=110)
-    plt.close(fig_)
-    return out
+    return save_figure(fig_, path)
 
 
 def summary_lines(fig: dict[str, Any]) -> list[str]:
