@@ -528,10 +528,7 @@ class Conv2dNCHWRule(_LazyRule):
             sch.unroll(tile_rows[0])
         sch.unroll(fi)
         sch.vectorize(pi)
-        done |= {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
-        init = sch.decompose_reduction(acc, rc)
-        sch.vectorize(sch.get_loops(init)[-1])
-        self._schedule_rest(sch, cfg, done)
+        _finish_tiled_reduction(sch, func, cfg, acc, rc, outer, lanes, done)
         return True
 
     @staticmethod
@@ -699,6 +696,18 @@ class Conv2dNCHWRule(_LazyRule):
                 schedule_spatial(sch, block, cfg)
 
 
+def _finish_tiled_reduction(sch: Any, func: Any, cfg: CpuScheduleConfig, acc: Any, reduce_loop: Any,
+                            tile_loop: Any, lanes: int, done: Iterable[str | None] = ()) -> None:
+    """The steps every tiled conv/matmul schedule ends with: its epilogue computed per tile at
+    ``tile_loop`` (vectorized), a vectorized zero-init split off at ``reduce_loop``, then the
+    blocks still at the root (:meth:`Conv2dNCHWRule._schedule_rest`); ``done`` names blocks
+    already scheduled."""
+    finished = {*done, sch.get(acc).name_hint, _tile_consumer(sch, func, acc, tile_loop, lanes)}
+    init = sch.decompose_reduction(acc, reduce_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    Conv2dNCHWRule._schedule_rest(sch, cfg, finished)
+
+
 class MatmulRule(_LazyRule):
     """``C[i, j] = sum_k A[i, k] * B[k, j]`` (+ fused epilogue): vectorize j, reduce k outside."""
 
@@ -730,10 +739,7 @@ class MatmulRule(_LazyRule):
         if cfg.num_cores > 1 and ni > 1 and ni * j_t * red >= cfg.min_parallel_work:
             sch.parallel(outer)
         sch.vectorize(ji)
-        done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
-        init = sch.decompose_reduction(acc, k)
-        sch.vectorize(sch.get_loops(init)[-1])
-        Conv2dNCHWRule._schedule_rest(sch, cfg, done)
+        _finish_tiled_reduction(sch, func, cfg, acc, k, outer, lanes)
         return True
 
     @staticmethod
@@ -751,10 +757,7 @@ class MatmulRule(_LazyRule):
         jo, ji = sch.split(j, [None, _largest_divisor(nj, lanes)])
         sch.reorder(i, k, jo, ji)
         sch.vectorize(ji)
-        done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, i, lanes)}
-        init = sch.decompose_reduction(acc, k)
-        sch.vectorize(sch.get_loops(init)[-1])
-        Conv2dNCHWRule._schedule_rest(sch, cfg, done)
+        _finish_tiled_reduction(sch, func, cfg, acc, k, i, lanes)
         return True
 
 

@@ -44,6 +44,16 @@ def _get_realize() -> Any:
     return tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
 
+def partition_loop(sch: Any, block: Any, loop: Any, factors: list[int | None]) -> list[Any]:
+    """``sch.loop_partition(loop, factors)`` for a loop of ``block``; returns the pieces' blocks
+    in order. Why by name: loop_partition puts each piece in an opaque block
+    ``<block>_<loop var><i>`` (inside ``<block>_<loop var>_common``), which ``get_producers``
+    does not see and at which ``get_loops`` stops."""
+    name, var = sch.get(block).name_hint, sch.get(loop).loop_var.name
+    sch.loop_partition(loop, factors)
+    return [sch.get_sblock(f"{name}_{var}{i}") for i in range(len(factors))]
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -103,28 +113,21 @@ def partition_padded_copy(sch: Any, block: Any) -> bool:
     geo = _geometry(sch, block)
     if geo is None:
         return False
-    name = sch.get(block).name_hint
     row_pieces = _pieces(int(sch.get(geo["row_loop"]).extent), *geo["rows"])
     col_pieces = _pieces(int(sch.get(geo["col_loop"]).extent), *geo["cols"])
     if row_pieces is None and col_pieces is None:
         return False
     if geo["parity_loop"] is not None:
         sch.reorder(geo["col_loop"], geo["parity_loop"])  # stride-2 reads of one column pair together
-    # loop_partition puts each piece in a block <block>_<loop var><i> (inside an opaque block,
-    # which cuts get_loops there); the interior's column loop is partitioned inside its row piece
+    # the interior's column loop is partitioned inside its row piece
     interior = block
     leaves = [block]
     if row_pieces is not None:
-        var = sch.get(geo["row_loop"]).loop_var.name
-        sch.loop_partition(geo["row_loop"], row_pieces[0])
-        leaves = [sch.get_sblock(f"{name}_{var}{i}") for i in range(len(row_pieces[0]))]
+        leaves = partition_loop(sch, block, geo["row_loop"], row_pieces[0])
         interior = leaves[row_pieces[1]]
-        name = f"{name}_{var}{row_pieces[1]}"
     if col_pieces is not None:
         col_loop = sch.get_loops(interior)[-2 if geo["parity_loop"] is not None else -1]
-        var = sch.get(col_loop).loop_var.name
-        sch.loop_partition(col_loop, col_pieces[0])
-        parts = [sch.get_sblock(f"{name}_{var}{i}") for i in range(len(col_pieces[0]))]
+        parts = partition_loop(sch, interior, col_loop, col_pieces[0])
         leaves = [b for b in leaves if b is not interior] + parts
     if geo["parity_loop"] is not None:
         for leaf in leaves:
@@ -132,4 +135,4 @@ def partition_padded_copy(sch: Any, block: Any) -> bool:
     return True
 
 
-__all__ = ["partition_padded_copy"]
+__all__ = ["partition_padded_copy", "partition_loop"]

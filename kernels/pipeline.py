@@ -29,18 +29,18 @@ def prepare_passes(target: Any) -> list[Any]:
     """Dispatch + legalize + FuseOps + FuseTIR: the passes whose output apq schedules.
 
     Shared with kernels/tuning.py so MetaSchedule tunes exactly the PrimFuncs the build sees.
-    The same passes as TVM's ``cpu_generic.legalize_passes`` except that ``relax.quantize``
-    legalizes through :mod:`apq.kernels.requantize` (the exact division-free requantize).
+    TVM's own passes, preceded by a ``LegalizeOps`` whose ``relax.quantize`` is apq's exact
+    division-free requantize (:mod:`apq.kernels.requantize`); TVM's ``LegalizeOps`` then finds
+    nothing left to legalize.
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from apq.kernels.requantize import legalize_map
 
-    legalize = [relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
-                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-                relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    return cpu.library_dispatch_passes(target) + legalize
+    return (cpu.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
+            + cpu.legalize_passes(target))
 
 
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,

@@ -82,16 +82,6 @@ def _scalar_value(expr: Any) -> np.ndarray | None:
     return None if value is None or value.size != 1 else value.reshape(-1)[0]
 
 
-def _bits(dtype: str) -> int:
-    return int("".join(ch for ch in dtype if ch.isdigit()) or 0)
-
-
-def _saturate(value: Any, dtype: str) -> Any:
-    from tvm import te, tirx
-
-    return te.max(te.min(value, tirx.max_value(dtype)), tirx.min_value(dtype)).astype(dtype)
-
-
 def legalize_quantize(bb: Any, call: Any) -> Any:
     """``relax.quantize`` -> TE, dividing by a scalar constant scale without a divide.
 
@@ -101,12 +91,13 @@ def legalize_quantize(bb: Any, call: Any) -> Any:
     """
     import tvm
     from tvm import te, tirx
+    from tvm.relax.transform.legalize_ops.qdq import clip_cast  # the default legalization's saturation
 
     default = tvm.ir.Op.get("relax.quantize").get_attr("FLegalize")
     scale, zp = _scalar_value(call.args[1]), _scalar_value(call.args[2])
     out_dtype = str(call.attrs.out_dtype)
     reciprocal = exact_reciprocal(float(scale)) if scale is not None and scale.dtype == np.float32 else None
-    if reciprocal is None or zp is None or "int" not in out_dtype or _bits(out_dtype) > 16:
+    if reciprocal is None or zp is None or "int" not in out_dtype or tvm.DataType(out_dtype).bits > 16:
         return default(bb, call)
     scale, zp = float(scale), int(zp)
 
@@ -116,7 +107,7 @@ def legalize_quantize(bb: Any, call: Any) -> Any:
         def element(*indices: Any) -> Any:
             clamped = te.max(te.min(data[indices], bound), -bound)  # +-inf, NaN: see SATURATION_QUOTIENT
             q = exact_quotient(clamped, scale, reciprocal)
-            return _saturate(te.round(q) + tirx.const(zp, "float32"), out_dtype)
+            return clip_cast(te.round(q) + tirx.const(zp, "float32"), out_dtype)
 
         return te.compute(data.shape, element, name="quantized")
 

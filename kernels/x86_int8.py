@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from apq.kernels.int8_dot_conv import DotInstruction, dot_intrin_pair, schedule_pointwise_dot
+from apq.kernels.padded_copy import partition_loop
 
 #: Name under which the tensor intrinsic is registered in TVM's TensorIntrin table.
 VNNI_U8S8_PIXELS16_K4 = "apq_vnni_u8s8i32_pixels16_k4"
@@ -146,9 +147,13 @@ def _schedule_pack(sch: Any, pack: Any, cfg: Any) -> None:
     accesses. Rows of channel groups run in parallel when the copy is big enough."""
     n, c4, pix, k = sch.get_loops(pack)
     sch.unroll(k)
-    rows = sch.fuse(n, c4)
-    size = int(sch.get(rows).extent) * int(sch.get(pix).extent) * K_GROUP
-    if cfg.num_cores > 1 and int(sch.get(rows).extent) > 1 and size >= cfg.min_parallel_work:
+    _parallel_rows(sch, sch.fuse(n, c4), int(sch.get(pix).extent), cfg)
+
+
+def _parallel_rows(sch: Any, rows: Any, pixels: int, cfg: Any) -> None:
+    """Run the pack's channel-group rows in parallel when the copy is big enough."""
+    n_rows = int(sch.get(rows).extent)
+    if cfg.num_cores > 1 and n_rows > 1 and n_rows * pixels * K_GROUP >= cfg.min_parallel_work:
         sch.parallel(rows)
 
 
@@ -192,16 +197,11 @@ def _partition_padded_pack(sch: Any, pack: Any, npix: int, cfg: Any) -> Any:
     real pixels are a plain copy (the condition simplifies away) that LLVM vectorizes with
     byte unpacks like the unpadded pack, and the padded tail only stores zeros.
     """
-    # The partitions sit in opaque blocks (invisible to get_producers, cutting get_loops);
-    # loop_partition names them <block>_<loop var><i> inside <block>_<loop var>_common.
-    name, var = sch.get(pack).name_hint, sch.get(sch.get_loops(pack)[2]).loop_var.name
-    sch.loop_partition(sch.get_loops(pack)[2], [npix, None])
-    parts = [sch.get_sblock(f"{name}_{var}{i}") for i in (0, 1)]
+    n, c4, pix, _ = sch.get_loops(pack)
+    parts = partition_loop(sch, pack, pix, [npix, None])
     for part in parts:
         sch.unroll(sch.get_loops(part)[-1])
-    rows = sch.fuse(*sch.get_loops(sch.get_sblock(f"{name}_{var}_common")))  # n, c4: around both partitions
-    if cfg.num_cores > 1 and int(sch.get(rows).extent) > 1 and int(sch.get(rows).extent) * npix * K_GROUP >= cfg.min_parallel_work:
-        sch.parallel(rows)
+    _parallel_rows(sch, sch.fuse(n, c4), npix, cfg)  # n, c4: around both pieces
     return parts[0]
 
 
