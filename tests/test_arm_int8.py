@@ -19,6 +19,8 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from test_x86_int8 import _asm  # noqa: E402 -- assembly of every LLVM module in a compiled executable
+
 PI5, PI4 = "raspberry-pi/5", "raspberry-pi/4b-aarch64"
 REQUANT_SCALE = np.float32(1e-3)
 
@@ -71,14 +73,6 @@ def _reference(x: np.ndarray, w: np.ndarray, requantize: bool) -> np.ndarray:
     return out.astype(np.int32)
 
 
-def _asm(ex) -> str:
-    out, todo = [], [ex.mod]
-    while todo:
-        mod = todo.pop()
-        if mod.kind == "llvm":
-            out.append(mod.inspect_source("asm"))
-        todo.extend(mod.imports)
-    return "\n".join(out)
 
 
 #: a function label in LLVM assembly (``name:``) or in objdump output (``0000000000012340 <name>:``)

@@ -27,14 +27,11 @@ def _relax_module(onnx_path, target_name: str = "host"):
 
 
 def _fused(mod, target):
-    """The PrimFuncs the schedule pass sees (legalized + fused, as inside the pipeline)."""
-    from tvm import relax
+    """The PrimFuncs the schedule pass sees (the build's own legalize + fuse passes)."""
+    from apq.kernels.pipeline import prepare_passes
 
     with target:
-        seq = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                        relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                                        relax.transform.FuseTIR()])
-        return seq(mod)
+        return tvm.transform.Sequential(prepare_passes(target))(mod)
 
 
 def _run(mod, target, inputs, schedule: bool) -> np.ndarray:
@@ -45,6 +42,16 @@ def _run(mod, target, inputs, schedule: bool) -> np.ndarray:
     vm = relax.VirtualMachine(compile_relax(mod, target, schedule=schedule), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
     return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+def _assert_schedule_keeps_outputs(mod, target, inputs, exact: bool, atol: float = 1e-5) -> None:
+    """apq's schedules vs TVM's unscheduled build: integer outputs identical, float within 1e-5
+    relative (``atol`` absolute)."""
+    fast, slow = _run(mod, target, inputs, True), _run(mod, target, inputs, False)
+    if exact:
+        np.testing.assert_array_equal(fast, slow)
+    else:
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=atol)
 
 
 def _ort(onnx_path, inputs) -> np.ndarray:
@@ -219,11 +226,7 @@ def test_depthwise_scheduled_matches_unscheduled(dtype, stride):
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((1, 16, 12, 12)).astype("float32") if dtype == "float32"
          else rng.integers(0, 256, (1, 16, 12, 12)).astype("uint8"))
-    fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
-    if dtype == "float32":
-        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
-    else:
-        np.testing.assert_array_equal(fast, slow)
+    _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32")
 
 
 def _pointwise_module(ic: int, oc: int, hw: int, dtype: str):
@@ -268,11 +271,7 @@ def test_pointwise_rows_that_are_no_vector_multiple(dtype, hw):
     rng = np.random.default_rng(hw)
     x = (rng.standard_normal((1, 8, hw, hw)).astype("float32") if dtype == "float32"
          else rng.integers(0, 256, (1, 8, hw, hw)).astype("uint8"))
-    fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
-    if dtype == "float32":
-        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
-    else:
-        np.testing.assert_array_equal(fast, slow)
+    _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32")
 
 
 def _stem_module(dtype: str):
@@ -316,11 +315,7 @@ def test_strided_conv_on_a_prepadded_input_is_deinterleaved_and_row_tiled(dtype)
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((1, 3, 34, 34)).astype("float32") if dtype == "float32"
          else rng.integers(0, 256, (1, 3, 34, 34)).astype("uint8"))
-    fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
-    if dtype == "float32":
-        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
-    else:
-        np.testing.assert_array_equal(fast, slow)
+    _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32")
 
 
 # --------------------------------------------------------------------------- whole models
@@ -373,11 +368,7 @@ def test_224px_models_scheduled_match_unscheduled(tmp_path):
     for path in (fp, q8):
         mod, specs, spec = _relax_module(path)
         x = random_inputs(specs, 0)
-        fast, slow = _run(mod, spec.tvm(), x, True), _run(mod, spec.tvm(), x, False)
-        if path == fp:
-            np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(fast, slow)
+        _assert_schedule_keeps_outputs(mod, spec.tvm(), x, exact=path != fp)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
@@ -403,11 +394,7 @@ def test_depthwise_tile_is_one_channel_by_several_rows(dtype):
         rng = np.random.default_rng(hw)
         x = (rng.standard_normal((1, 16, hw, hw)).astype("float32") if dtype == "float32"
              else rng.integers(0, 256, (1, 16, hw, hw)).astype("uint8"))
-        fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
-        if dtype == "float32":
-            np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(fast, slow)
+        _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
@@ -440,8 +427,4 @@ def test_batch1_dense_streams_weight_rows_and_matches_unscheduled(dtype):
     assert MatmulRule(cfg).schedule(sch, func, cfg)
     script = sch.mod["main"].script()
     assert re.search(rf"for k, \w+ in T\.grid\(T\.int64\({k}\), ", script), script  # k outside the outputs
-    fast, slow = _run(mod, target, [x], True), _run(mod, target, [x], False)
-    if dtype == "float32":
-        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-4)
-    else:
-        np.testing.assert_array_equal(fast, slow)
+    _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32", atol=1e-4)

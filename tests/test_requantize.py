@@ -46,8 +46,7 @@ def _quotient_kernel():
     out = te.compute((ROWS, COLS), lambda i, j: exact_quotient(x[i, j], s[i], r[i]), name="q")
     func = te.create_prim_func([x, s, r, out])
     sch = tvm.s_tir.Schedule(func)
-    block = sch.get_sblock("q") if hasattr(sch, "get_sblock") else sch.get_block("q")
-    _, j = sch.get_loops(block)
+    _, j = sch.get_loops(sch.get_sblock("q"))
     _, inner = sch.split(j, [None, 16])
     sch.vectorize(inner)  # the vector FMAs the real epilogues use
     return tvm.compile(sch.mod, target=tvm.target.Target(get_target("host").tvm_target))
