@@ -335,6 +335,26 @@ def test_student_gradients_are_clipped_per_subnet() -> None:
     assert torch.allclose(w.grad, target / 5.0 + target)
 
 
+def test_label_smoothing_reaches_the_teacher_loss() -> None:
+    from apq.toolchain.supernet.train import train_step
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = Supernet(TINY)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 3
+    full = PhaseConfig("full", 1.0, 0.1)
+    net.set_active(TINY.largest(bits=None))
+    with torch.no_grad():
+        logits = net(x)
+    rng = np.random.default_rng(0)
+    plain = train_step(net, full, x, y, rng, _tiny_train_config())["loss"]
+    smooth = train_step(net, full, x, y, rng, _tiny_train_config(label_smoothing=0.2))["loss"]
+    assert plain == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert smooth == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item(), rel=1e-5)
+    assert abs(smooth - plain) > 10 * 1e-5 * plain  # the two references are told apart by the tolerance
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, LoadedDataset]:
     out = tmp_path_factory.mktemp("tiny_run")

@@ -90,6 +90,7 @@ class TrainConfig:
     kd_ratio: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 4e-5
+    label_smoothing: float = 0.0  # on the largest subnet's hard-label loss only (students learn from its logits)
     grad_clip: float = 1.0  # per student subnet (see _accumulate); 0 = off
     warmup_steps: int = 20
     val_size: int = 5000
@@ -312,7 +313,7 @@ def train_step(net: Supernet, phase: PhaseConfig, x: torch.Tensor, y: torch.Tens
     params = [p for p in net.parameters() if p.requires_grad]
     net.set_active(space.largest(bits=None))
     logits = net(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     out = {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item(),
            "grad_norm": _accumulate(params, loss, 0.0)}  # the float teacher is never clipped
     if not phase.elastic:
