@@ -1,0 +1,98 @@
+"""Float convs to NHWC activations / HWIO weights before compilation (x86 and AArch64 CPUs).
+
+Why: apq's NHWC conv schedule (kernels/cpu_schedules.py, ``Conv2dNHWCRule``) vectorizes along
+channels, which suits depthwise convs at any stride and pointwise convs on small maps far
+better than NCHW's pixel vectors. Relax's ``ConvertLayout`` rewrites the convs and carries the
+layout through layout-agnostic ops (add, mean, ...); only the model input and the classifier's
+flatten get a transpose.
+
+One obstacle: TVM's ONNX importer lowers ``Clip`` straight to TE ``call_tir`` maximum/minimum
+kernels, which ``ConvertLayout`` cannot see through, so every ReLU6 would be wrapped in two
+transposes. :func:`clip_calls_to_ops` first turns those calls back into ``R.maximum`` /
+``R.minimum`` with the same scalar bound (TOPI's maximum/minimum are what both legalize to,
+so the arithmetic is unchanged).
+
+Only float convs are converted: integer convs keep NCHW (the VNNI/sdot schedules pack their
+activations by pixel), so the conversion is skipped for a module that has any.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: PrimFunc name prefixes of the importer's Clip kernels -> the Relax op with the same semantics
+_CLIP_KERNELS = {"maximum": "maximum", "minimum": "minimum"}
+
+#: CompileOptions.float_layout values: NHWC converts float convs, NCHW keeps the ONNX layout
+FLOAT_LAYOUTS = ("NHWC", "NCHW")
+
+#: what ConvertLayout asks of every conv2d
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+def _clip_kernel_op(mod: Any, call: Any) -> Any | None:
+    """The Relax op for ``call_tir(maximum*/minimum*, (x, scalar))``, else None."""
+    from tvm import relax
+
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.call_tir":
+        return None
+    gvar, args = call.args[0], call.args[1]
+    prefix = next((p for p in _CLIP_KERNELS if gvar.name_hint.rstrip("0123456789_") == p), None)
+    if prefix is None or len(getattr(args, "fields", ())) != 2:
+        return None
+    bound = args.fields[1]  # the clip bound: a 0-d tensor (a constant, or the NaN-sanitized one)
+    if getattr(getattr(bound, "ty", None), "ndim", None) != 0:
+        return None
+    func = mod[gvar]
+    body = func.body.script() if hasattr(func, "body") else ""
+    if f"T.{'max' if prefix == 'maximum' else 'min'}(" not in body:
+        return None  # a kernel of the same name that does something else
+    return getattr(relax.op, _CLIP_KERNELS[prefix])(args.fields[0], bound)
+
+
+def clip_calls_to_ops(mod: Any) -> Any:
+    """Rewrite the importer's scalar maximum/minimum ``call_tir`` kernels into Relax ops."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
+            call = super().visit_call_(call)
+            op = _clip_kernel_op(mod, call)
+            return call if op is None else op
+
+    rewriter = _Rewriter(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+def has_integer_conv(mod: Any) -> bool:
+    """Does any Relax conv2d take integer inputs (a lowered QDQ layer)?"""
+    from tvm import relax
+
+    found = False
+
+    def visit(expr: Any) -> None:
+        nonlocal found
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            dtype = str(getattr(getattr(expr.args[0], "ty", None), "dtype", ""))
+            found = found or not dtype.startswith("float")
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def to_nhwc(mod: Any) -> Any:
+    """Float convs to NHWC/HWIO (module docstring); unchanged if any conv is integer."""
+    from tvm import relax
+
+    if has_integer_conv(mod):
+        return mod
+    mod = clip_calls_to_ops(mod)
+    mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+    # the HWIO weights are transposes of constants: fold them so no inference transposes weights
+    return relax.transform.FoldConstant()(mod)
