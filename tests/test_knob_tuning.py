@@ -42,7 +42,8 @@ def _lowered(onnx_path: Path):
 
     model = load_onnx(onnx_path)
     mod = import_to_relax(model, resolve_input_specs(model, {}))
-    return lower_module(mod, model, get_target("host"), CompileOptions())[0]
+    # NCHW: these tests are about the NCHW conv rule's knob variants (the NHWC rule has none)
+    return lower_module(mod, model, get_target("host"), CompileOptions(float_layout="NCHW"))[0]
 
 
 def _prim_funcs(mod, target):
@@ -196,7 +197,8 @@ def test_cli_knob_tune_and_cross_target_refusal(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
     onnx_path = _tiny_conv(tmp_path / "tiny.onnx")
-    argv = [str(onnx_path), "--knob-tune", "--verify", "--json", "-o", str(tmp_path / "t.apq")]
+    # NCHW: one kernel (in NHWC the model's input and output transposes are kernels too)
+    argv = [str(onnx_path), "--knob-tune", "--float-layout", "NCHW", "--verify", "--json", "-o", str(tmp_path / "t.apq")]
     assert compile_main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["verify"]["passed"] and first["knob_tuning"]["kernels"] == 1
@@ -204,7 +206,7 @@ def test_cli_knob_tune_and_cross_target_refusal(tmp_path, monkeypatch, capsys):
     assert compile_main(argv) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["verify"]["passed"] and second["knob_tuning"]["timed"] == 0 and second["knob_tuning"]["cached"] == 1
-    assert compile_main([str(onnx_path), "--knob-tune", "-o", str(tmp_path / "t3.apq")]) == 0
+    assert compile_main([str(onnx_path), "--knob-tune", "--float-layout", "NCHW", "-o", str(tmp_path / "t3.apq")]) == 0
     assert "knob-tune: 1 kernels, 0 timed, 1 cached" in capsys.readouterr().out
 
     with pytest.raises(InvalidInputError, match="cannot knob-tune"):
