@@ -306,18 +306,7 @@ def schedule_fill(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 0) 
     if len(loops) != len(sch.get(block).iter_vars) or len(sch.get(block).reads) != 0:
         schedule_spatial(sch, block, cfg, depth)
         return
-    inner = loops[-1]
-    ext = _int_extent(sch, inner)
-    lanes = cfg.lanes(_dtype_bits(sch, block))
-    if not ext or ext <= 1:
-        return
-    if ext <= 4 * lanes:
-        sch.vectorize(inner)
-        return
-    vec = _largest_divisor(ext, 4 * lanes)
-    if vec > 1:
-        _, vi = sch.split(inner, [None, vec])
-        sch.vectorize(vi)
+    vectorize_by_divisor(sch, loops[-1], 4 * cfg.lanes(_dtype_bits(sch, block)))
 
 
 def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> None:
@@ -414,16 +403,23 @@ def _tile_consumer(sch: Any, func: Any, acc: Any, at_loop: Any, lanes: int) -> s
     epi = consumers[0]
     name = sch.get(epi).name_hint
     sch.reverse_compute_at(epi, at_loop, preserve_unit_loops=False)
-    inner = sch.get_loops(epi)[-1]
-    ext = _int_extent(sch, inner)
-    if ext and ext > 1:
-        vec = _largest_divisor(ext, lanes)
-        if vec == ext:
-            sch.vectorize(inner)
-        elif vec > 1:
-            _, vi = sch.split(inner, [None, vec])
-            sch.vectorize(vi)
+    vectorize_by_divisor(sch, sch.get_loops(epi)[-1], lanes)
     return name
+
+
+def vectorize_by_divisor(sch: Any, loop: Any, max_lanes: int) -> None:
+    """Vectorize ``loop`` whole when its extent is at most ``max_lanes``, else its inner part
+    split by the largest divisor of the extent up to ``max_lanes`` (no tail); a loop whose
+    extent has no divisor above 1 in range stays scalar."""
+    ext = _int_extent(sch, loop)
+    if not ext or ext <= 1:
+        return
+    vec = _largest_divisor(ext, max_lanes)
+    if vec == ext:
+        sch.vectorize(loop)
+    elif vec > 1:
+        _, inner = sch.split(loop, [None, vec])
+        sch.vectorize(inner)
 
 
 def flatten_pixels(sch: Any, acc: Any, width: int) -> None:
@@ -892,7 +888,7 @@ class Conv2dNHWCRule(_LazyRule):
 
     def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
         conv = _single_reduction(sch, "SSSSRRR")
-        if conv is None or _dtype_bits(sch, conv) != 32 or "float" not in str(sch.get(conv).writes[0].source.dtype):
+        if conv is None or str(sch.get(conv).writes[0].source.dtype) != "float32":
             return False
         geo = nhwc_geometry(sch, conv)
         if geo is None:

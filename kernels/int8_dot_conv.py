@@ -115,7 +115,8 @@ def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], 
     Ragged pixel counts pad the conv's flat pixel axis (needs a 4-D epilogue); otherwise the
     accumulator (and, when possible, the epilogue) is flattened to H*W so tiles may cross rows.
     """
-    from apq.kernels.cpu_schedules import Conv2dNCHWRule, _largest_divisor, _tile_consumer, flatten_pixels
+    from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _largest_divisor, _tile_consumer, flatten_pixels,
+                                           vectorize_by_divisor)
     from apq.kernels.x86_int8 import _pack_activations, _pad_and_pack_activations
 
     width, npix = geo["ow"], geo["oh"] * geo["ow"]
@@ -162,9 +163,7 @@ def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], 
         sch.set_scope(tile_out, 0, "global")
         [epilogue] = sch.get_consumers(tile_out)
         done.add(_tile_consumer(sch, func, acc, outer, dot.lanes))
-        pixels = sch.get_loops(epilogue)[-1]  # the flat pixel axis: vectorize by a divisor of it
-        _, lanes = sch.split(pixels, [None, _largest_divisor(npix, dot.lanes)])
-        sch.vectorize(lanes)
+        vectorize_by_divisor(sch, sch.get_loops(epilogue)[-1], dot.lanes)  # the flat pixel axis
         done.add(sch.get(epilogue).name_hint)
     init = sch.decompose_reduction(acc, rco)
     sch.vectorize(sch.get_loops(init)[-1])

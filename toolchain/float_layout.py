@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-#: PrimFunc name prefixes of the importer's Clip kernels -> the Relax op with the same semantics
-_CLIP_KERNELS = {"maximum": "maximum", "minimum": "minimum"}
+#: PrimFunc names of the importer's Clip kernels (and the Relax ops with the same semantics) ->
+#: the TIR call their body must contain
+_CLIP_KERNELS = {"maximum": "T.max(", "minimum": "T.min("}
 
 #: CompileOptions.float_layout values: NHWC converts float convs, NCHW keeps the ONNX layout
 FLOAT_LAYOUTS = ("NHWC", "NCHW")
@@ -45,9 +46,9 @@ def _clip_kernel_op(mod: Any, call: Any) -> Any | None:
         return None
     func = mod[gvar]
     body = func.body.script() if hasattr(func, "body") else ""
-    if f"T.{'max' if prefix == 'maximum' else 'min'}(" not in body:
+    if _CLIP_KERNELS[prefix] not in body:
         return None  # a kernel of the same name that does something else
-    return getattr(relax.op, _CLIP_KERNELS[prefix])(args.fields[0], bound)
+    return getattr(relax.op, prefix)(args.fields[0], bound)
 
 
 def clip_calls_to_ops(mod: Any) -> Any:
