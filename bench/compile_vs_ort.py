@@ -2,7 +2,8 @@
 """apq-compiled vs onnxruntime on the same ONNX file, same precision, same threads, batch 1.
 
 Prints one JSON list of records (with --json) or a table: model, precision, resolution,
-threads, float_layout (CompileOptions.float_layout; integer convs always run NCHW), apq_ms, ort_ms, speedup (= ort_ms / apq_ms, > 1 means apq is faster), compile_s.
+threads, layout (CompileOptions.float_layout for the float model, .int8_layout for the int8 one),
+apq_ms, ort_ms, speedup (= ort_ms / apq_ms, > 1 means apq is faster), compile_s.
 Both sides are timed in this one process by the same protocol (apq.toolchain.profile.measure:
 warm-up, repeat until a minimum time, median), so the ratio is meaningful even when the
 machine is loaded; absolute numbers are not.
@@ -70,13 +71,14 @@ def interleaved(apq_fn, ort_fn, cfg, threads: int, clock, rounds: int) -> tuple[
 
 
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],
-                cfg, work: Path, clock: str = "wall", rounds: int = 1, float_layout: str = "NHWC") -> list[dict]:
+                cfg, work: Path, clock: str = "wall", rounds: int = 1, layout: str = "NHWC") -> list[dict]:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import CompileOptions, compile_onnx
     from apq.toolchain.verify import ort_session
 
-    res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}_{float_layout}.apq",
-                       options=CompileOptions(float_layout=float_layout))
+    option = "float_layout" if precision == "float32" else "int8_layout"
+    res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}_{layout}.apq",
+                       options=CompileOptions(**{option: layout}))
     art = open_artifact(res.artifact_path)
     x = art.random_inputs(0)
     kernels = sorted({lay["kernel"] for lay in art.manifest["layers"]})
@@ -89,11 +91,11 @@ def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, thr
         apq_ms, ort_ms, speedup, apq = interleaved(run, lambda: sess.run(None, feed), cfg, threads,
                                                     CLOCKS[used], rounds)
         records.append({"model": name, "precision": precision, "resolution": resolution, "threads": threads,
-                        "float_layout": float_layout, "batch": 1, "apq_ms": round(apq_ms, 4), "ort_ms": round(ort_ms, 4),
+                        "layout": layout, "batch": 1, "apq_ms": round(apq_ms, 4), "ort_ms": round(ort_ms, 4),
                         "speedup": round(speedup, 4), "rounds": rounds, "compile_s": round(res.compile_s, 2),
                         "apq_kernels": kernels, "source": "measured", "device": apq.device,
                         "clock": "thread-cpu" if used == "thread" else "wall"})
-        print(f"# {name} {precision} {float_layout} {resolution}px {threads}t ({used} clock, {rounds} rounds): apq {apq_ms:.3f} ms, "
+        print(f"# {name} {precision} {layout} {resolution}px {threads}t ({used} clock, {rounds} rounds): apq {apq_ms:.3f} ms, "
               f"ort {ort_ms:.3f} ms, speedup {speedup:.3f}", file=sys.stderr)
     return records
 
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="alternate apq / onnxruntime this many times; report medians (see the docstring)")
     ap.add_argument("--float-layouts", nargs="+", choices=["NHWC", "NCHW"], default=["NHWC"],
                     help="compile the float model with each of these conv layouts (CompileOptions.float_layout)")
+    ap.add_argument("--int8-layouts", nargs="+", choices=["NHWC", "NCHW"], default=["NHWC"],
+                    help="compile the int8 model with each of these layouts (CompileOptions.int8_layout)")
     args = ap.parse_args(argv)
     cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=5)
     records: list[dict] = []
@@ -125,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             for layout in args.float_layouts:
                 records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock,
                                        args.rounds, layout)
-            records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock, args.rounds)
+            for layout in args.int8_layouts:
+                records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock,
+                                       args.rounds, layout)
     if args.json:
         print(json.dumps(records, indent=2))
     else:
         print(f"{'model':<20} {'precision':<16} {'res':>4} {'thr':>3} {'apq_ms':>9} {'ort_ms':>9} {'speedup':>8} {'compile_s':>9}")
         for rec in records:
-            print(f"{rec['model']:<20} {rec['precision'] + ('/' + rec['float_layout'] if rec['precision'] == 'float32' else ''):<16} {rec['resolution']:>4} {rec['threads']:>3} "
+            print(f"{rec['model']:<20} {rec['precision'] + '/' + rec['layout']:<16} {rec['resolution']:>4} {rec['threads']:>3} "
                   f"{rec['apq_ms']:>9.3f} {rec['ort_ms']:>9.3f} {rec['speedup']:>8.3f} {rec['compile_s']:>9.1f}")
     return 0
 

@@ -917,9 +917,25 @@ class Conv2dNHWCRule(_LazyRule):
         return True
 
 
-#: The rule registry, tried in order; the first rule that returns a schedule wins. The NHWC
-#: rule declines every conv that is not NHWC/HWIO float, the NCHW rule every NHWC one.
+class Int8PointwiseNHWCRule(_LazyRule):
+    """Packed-weight int8 pointwise NHWC conv on VNNI (kernels/x86_int8_nhwc.py)."""
+
+    name = "int8-pointwise-nhwc"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        if cfg.int8_dot != "avx512vnni":
+            return False
+        from apq.kernels import x86_int8_nhwc
+
+        conv = x86_int8_nhwc.find_packed_pointwise(sch)
+        return conv is not None and x86_int8_nhwc.schedule_packed_pointwise(sch, func, conv, cfg)
+
+
+#: The rule registry, tried in order; the first rule that returns a schedule wins. The packed
+#: int8 rule declines all but its own compute block; the NHWC rule declines every conv that is
+#: not NHWC/HWIO with a float32 output, the NCHW rule every NHWC one.
 RULES: dict[str, type[_LazyRule]] = {
+    Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,
     Conv2dNHWCRule.name: Conv2dNHWCRule,
     Conv2dNCHWRule.name: Conv2dNCHWRule,
     MatmulRule.name: MatmulRule,

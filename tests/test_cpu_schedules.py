@@ -13,7 +13,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 
-def _relax_module(onnx_path, target_name: str = "host"):
+def _relax_module(onnx_path, target_name: str = "host", **options):
     from apq.targets.registry import get_target
     from apq.toolchain.compile import CompileOptions, lower_module
     from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
@@ -22,7 +22,7 @@ def _relax_module(onnx_path, target_name: str = "host"):
     model = load_onnx(onnx_path)
     specs = resolve_input_specs(model, {})
     mod = import_to_relax(model, specs)
-    mod, _ = lower_module(mod, model, spec, CompileOptions(target=target_name))
+    mod, _ = lower_module(mod, model, spec, CompileOptions(target=target_name, **options))
     return mod, specs, spec
 
 

@@ -64,7 +64,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "only; choices cached per target under $APQ_CACHE_DIR/knobs, a recompile times nothing)")
     p.add_argument("--float-layout", choices=["NHWC", "NCHW"], default="NHWC",
                    help="activation layout of float convs on CPU targets (NHWC: apq's channel-vector schedules; "
-                        "NCHW: the ONNX layout). Integer convs always run NCHW")
+                        "NCHW: the ONNX layout). Integer graphs: --int8-layout")
+    p.add_argument("--int8-layout", choices=["NHWC", "NCHW"], default="NHWC",
+                   help="activation layout of lowered int8 graphs on AVX-512 VNNI CPUs (NHWC: channels in the "
+                        "lanes, pointwise weights packed at compile time; NCHW: the pixel-lane VNNI kernels). "
+                        "Other targets keep int8 in NCHW")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
 
@@ -78,7 +82,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled()}[args.bitserial]
     options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy,
-                             tune_trials=args.tune_trials, knob_tune=args.knob_tune, float_layout=args.float_layout)
+                             tune_trials=args.tune_trials, knob_tune=args.knob_tune, float_layout=args.float_layout,
+                             int8_layout=args.int8_layout)
     res = compile_onnx(args.model, args.target, args.output, _shapes(args.input_shape), options,
                        progress=not args.json)
     report: dict[str, Any] = res.to_json()

@@ -24,7 +24,8 @@ from apq.toolchain.artifact import LIBRARY, write_artifact
 from apq.toolchain.bitserial_lowering import BitserialPolicy, lower_bitserial, name_bitserial_layers, supports_target
 from apq.kernels.pipeline import supports as cpu_pipeline_supports
 from apq.toolchain.errors import ApqError, InvalidInputError
-from apq.toolchain.float_layout import FLOAT_LAYOUTS, to_nhwc
+from apq.toolchain.float_layout import FLOAT_LAYOUTS, has_integer_conv, to_nhwc
+from apq.toolchain.int8_layout import INT8_LAYOUTS, int8_to_nhwc
 from apq.toolchain.kernel_impl import KernelCall, attach_impls
 from apq.toolchain.onnx_import import (
     TensorSpec,
@@ -56,12 +57,18 @@ class CompileOptions:
     knob_tune: bool = False
     # activation layout of float convs on CPU targets (toolchain/float_layout.py): "NHWC" runs them
     # on apq's channel-vector schedule (measured MobileNetV2 224 px float, 1 thread: 1.18x faster
-    # than "NCHW", which keeps the ONNX layout and the pixel-vector schedule). Integer convs stay NCHW.
+    # than "NCHW", which keeps the ONNX layout and the pixel-vector schedule). Integer graphs: int8_layout.
     float_layout: str = "NHWC"
+    # activation layout of lowered int8 graphs on AVX-512 VNNI CPUs (toolchain/int8_layout.py): "NHWC"
+    # puts channels in the lanes (packed-weight vpdpbusd pointwise convs, channel-vector depthwise);
+    # "NCHW" keeps the pixel-lane VNNI path. Other targets keep NCHW int8 either way.
+    int8_layout: str = "NHWC"
 
     def __post_init__(self) -> None:
         if self.float_layout not in FLOAT_LAYOUTS:
             raise InvalidInputError(f"unknown float layout {self.float_layout!r}; use one of {list(FLOAT_LAYOUTS)}")
+        if self.int8_layout not in INT8_LAYOUTS:
+            raise InvalidInputError(f"unknown int8 layout {self.int8_layout!r}; use one of {list(INT8_LAYOUTS)}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +120,7 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
 
     from apq.toolchain.layers import describe_layers
 
+    vnni = False
     if options.lower_qdq and is_qdq_model(model):
         from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
 
@@ -131,8 +139,11 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
             mod = lower_bitserial(mod, target, policy)
     layers = name_bitserial_layers(describe_layers(mod), mod)
     mod = relax.transform.DecomposeOpsForInference()(mod)
-    if options.float_layout == "NHWC" and cpu_pipeline_supports(target.tvm()):
-        mod = to_nhwc(mod)  # float convs only; a module with integer convs is returned unchanged
+    if has_integer_conv(mod):
+        if vnni and options.int8_layout == "NHWC":
+            mod = int8_to_nhwc(mod)  # toolchain/int8_layout.py
+    elif options.float_layout == "NHWC" and cpu_pipeline_supports(target.tvm()):
+        mod = to_nhwc(mod)
     return mod, layers
 
 

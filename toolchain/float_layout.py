@@ -12,8 +12,9 @@ transposes. :func:`clip_calls_to_ops` first turns those calls back into ``R.maxi
 ``R.minimum`` with the same scalar bound (TOPI's maximum/minimum are what both legalize to,
 so the arithmetic is unchanged).
 
-Only float convs are converted: integer convs keep NCHW (the VNNI/sdot schedules pack their
-activations by pixel), so the conversion is skipped for a module that has any.
+Only float convs are converted here: a module with integer convs is returned unchanged (its
+layout is toolchain/int8_layout.py's business: NHWC on VNNI CPUs, else NCHW for the pixel-lane
+VNNI/sdot schedules).
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""Int8 graphs in NHWC on VNNI CPUs (toolchain/int8_layout.py, kernels/x86_int8_nhwc.py): the
+packed pointwise kernel is exact against NumPy and really runs vpdpbusd, the layout pass leaves
+only the input/classifier transposes, and the NHWC build gives the same bits as the NCHW one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from apq.kernels.x86_int8_nhwc import lanes_for, pack_pointwise_weight  # noqa: E402
+
+
+def _host_has_vnni() -> bool:
+    from apq.targets.registry import get_target
+
+    return "avx512vnni" in get_target("host").features
+
+
+needs_vnni = pytest.mark.skipif(not _host_has_vnni(), reason="host CPU has no AVX-512 VNNI")
+
+
+def test_packed_weight_layout_puts_four_input_channels_of_one_output_channel_together():
+    w = np.arange(1 * 1 * 8 * 16, dtype=np.int64).reshape(1, 1, 8, 16).astype(np.int8)
+    p = pack_pointwise_weight(w)
+    assert p.shape == (2, 16, 4) and p.flags.c_contiguous
+    for g in range(2):
+        for o in range(16):
+            for k in range(4):
+                assert p[g, o, k] == w[0, 0, 4 * g + k, o]
+
+
+def test_lanes_cover_multiples_of_four_only():
+    assert [lanes_for(c) for c in (16, 64, 24, 8, 12, 6, 3)] == [16, 16, 8, 8, 4, None, None]
+
+
+def _build_packed(h: int, w: int, ic: int, oc: int):
+    """The packed pointwise compute with a shift+narrow epilogue, scheduled by apq's rule."""
+    from tvm import s_tir, te
+
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+    from apq.kernels.x86_int8_nhwc import find_packed_pointwise, pointwise_packed_compute, schedule_packed_pointwise
+    from apq.targets.registry import get_target
+    from apq.toolchain.kernel_impl import primfunc_impl
+
+    x = te.placeholder((1, h, w, ic), "uint8", name="x")
+    wp = te.placeholder((ic // 4, oc, 4), "int8", name="wp")
+    acc = pointwise_packed_compute(x, wp)
+    out = te.compute(acc.shape, lambda *i: (acc(*i) >> 4).astype("int16"), name="epilogue")
+    func = te.create_prim_func([x, wp, out])
+    sch = s_tir.Schedule(func)
+    cfg = CpuScheduleConfig.for_target(get_target("host").tvm())
+    assert schedule_packed_pointwise(sch, func, find_packed_pointwise(sch), cfg)
+    impl = primfunc_impl(sch.mod["main"])
+    return tvm.compile(sch.mod, target=get_target("host").tvm()), impl
+
+
+@needs_vnni
+@pytest.mark.parametrize("h,w,ic,oc", [
+    (56, 56, 24, 144),  # 16 lanes, 3 channel vectors
+    (112, 112, 16, 64),  # 4 input-channel groups only
+    (14, 14, 64, 256),  # 14-pixel rows
+    (7, 7, 320, 64),  # 7-pixel rows, long reduction
+    (8, 8, 32, 24),  # 24 output channels: the 8-lane (ymm) vpdpbusd
+    (16, 16, 8, 12),  # 12 output channels: the 4-lane (xmm) vpdpbusd
+])
+def test_packed_pointwise_is_exact_and_runs_vpdpbusd(h, w, ic, oc):
+    lib, impl = _build_packed(h, w, ic, oc)
+    assert impl == "avx512-vnni"
+    rng = np.random.default_rng(h + ic + oc)
+    x = rng.integers(0, 256, (1, h, w, ic), dtype=np.uint8)
+    wt = rng.integers(-128, 128, (1, 1, ic, oc), dtype=np.int8)
+    ref = ((x.reshape(-1, ic).astype(np.int32) @ wt.reshape(ic, oc).astype(np.int32)) >> 4).astype(np.int16)
+    out = tvm.runtime.tensor(np.zeros((1, h, w, oc), np.int16))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(pack_pointwise_weight(wt)), out)
+    np.testing.assert_array_equal(out.numpy().reshape(-1, oc), ref)
+
+
+def _lowered(onnx_path, int8_layout: str):
+    from apq.targets.registry import get_target
+    from apq.toolchain.compile import CompileOptions, lower_module
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+
+    model = load_onnx(onnx_path)
+    mod = import_to_relax(model, resolve_input_specs(model, {}))
+    mod, _ = lower_module(mod, model, get_target("host"), CompileOptions(target="host", int8_layout=int8_layout))
+    return mod
+
+
+def _op_counts(mod) -> dict[str, int]:
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call):
+            name = getattr(e.op, "name", None) or "?"
+            if name == "relax.call_tir":
+                name = "call_tir:" + e.args[0].name_hint
+            counts[name] = counts.get(name, 0) + 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return counts
+
+
+@needs_vnni
+def test_int8_graph_goes_nhwc_with_packed_pointwise_convs(mbv2_qdq):
+    nchw, nhwc = _op_counts(_lowered(mbv2_qdq, "NCHW")), _op_counts(_lowered(mbv2_qdq, "NHWC"))
+    def packed_calls(counts):
+        return sum(v for k, v in counts.items() if k.startswith("call_tir:conv2d_u8s8_nhwc"))
+
+    packed = packed_calls(nhwc)
+    assert nchw.get("relax.permute_dims", 0) == 0 and packed_calls(nchw) == 0
+    assert packed >= 5  # every pointwise conv of the example MobileNetV2 (channels are multiples of 4)
+    assert nhwc["relax.nn.conv2d"] + packed == nchw["relax.nn.conv2d"]
+    assert nhwc.get("relax.permute_dims", 0) <= 2  # the input and the classifier's flatten only
+
+
+@needs_vnni
+def test_int8_nhwc_build_is_bit_identical_to_nchw_and_matches_onnxruntime(mbv2_qdq, tmp_path):
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import CompileOptions, compile_onnx
+    from apq.toolchain.runtime import run_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    outs = {}
+    for layout in ("NHWC", "NCHW"):
+        res = compile_onnx(mbv2_qdq, "host", tmp_path / f"q_{layout}.apq",
+                           options=CompileOptions(target="host", int8_layout=layout))
+        art = open_artifact(res.artifact_path)
+        rep = verify_artifact(art, mbv2_qdq)
+        assert rep.passed, rep.to_json()
+        impls = {layer["impl"] for layer in res.manifest["layers"]
+                 if layer["geometry"]["op"] == "conv" and layer["geometry"]["kernel"] == 1}
+        assert impls == {"avx512-vnni"}, impls
+        rng = np.random.default_rng(1)
+        inputs = [rng.standard_normal(s.shape).astype(s.dtype) * 2 for s in art.input_specs]
+        outs[layout] = run_artifact(art, inputs)
+    for a, b in zip(outs["NHWC"], outs["NCHW"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_int8_layout_is_a_clear_error():
+    from apq.toolchain.compile import CompileOptions
+    from apq.toolchain.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="int8 layout"):
+        CompileOptions(int8_layout="NCHWc")

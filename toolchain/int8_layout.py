@@ -1,0 +1,96 @@
+"""Lowered int8 graphs to NHWC on AVX-512 VNNI CPUs, with compile-time packed pointwise weights.
+
+Why: apq's NCHW int8 path puts 16 pixels in the vector lanes, which loses to onnxruntime's NHWC
+QLinearConv on depthwise convs (stride 2 worst) and on pointwise convs with few input channels
+(measured per layer, docs/tvm_pitfalls.md "Layouts"). In NHWC the channels are in the lanes:
+
+1. ``ConvertLayout(NHWC, HWIO)`` rewrites every conv2d; the per-tensor ``quantize`` /
+   ``dequantize`` ops of the lowered QDQ graph have no layout rule, so ConvertLayout wraps each
+   in transposes, which :func:`apq.toolchain.layout.sink_nhwc_permutes` then removes (it moves
+   their channel axis, exact). On MobileNetV2 only the input and the classifier keep a transpose.
+2. The integer KxK convs that accumulate in float (stem, depthwise: see qdq_lowering) write
+   float32 and are scheduled by the float NHWC channel-vector rule.
+3. Each ``u8 x s8 -> i32`` pointwise conv becomes a ``call_tir`` of
+   :func:`apq.kernels.x86_int8_nhwc.pointwise_packed_compute` with its weight packed once here
+   to ``[IC/4, OC, 4]`` (the operand layout of ``vpdpbusd`` with output channels in the lanes).
+
+Everything is a relayout of the same integer arithmetic, so outputs are bit-identical to the
+NCHW path (tests compare both against onnxruntime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: CompileOptions.int8_layout values: NHWC converts lowered int8 graphs on VNNI CPUs, NCHW keeps them
+INT8_LAYOUTS = ("NHWC", "NCHW")
+
+
+def _packable_pointwise(call: Any) -> Any | None:
+    """The weight constant of an NHWC ``u8 x s8 -> i32`` 1x1 stride-1 ungrouped conv2d, else None."""
+    from apq.kernels.x86_int8_nhwc import K_GROUP, lanes_for
+
+    attrs = call.attrs
+    if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO" or int(attrs.groups) != 1:
+        return None
+    if [int(s) for s in attrs.strides] != [1, 1] or any(int(p) for p in attrs.padding):
+        return None
+    if str(attrs.out_dtype) != "int32" or [int(d) for d in attrs.dilation] != [1, 1]:
+        return None
+    data, weight = call.args
+    value = getattr(weight, "value", None)  # a constant (0.27: ir.expr.GenericConst.value)
+    if str(getattr(data.ty, "dtype", "")) != "uint8" or not hasattr(value, "numpy"):
+        return None
+    w = value.numpy()
+    if w.dtype.name != "int8" or w.shape[:2] != (1, 1) or w.shape[2] % K_GROUP or lanes_for(w.shape[3]) is None:
+        return None
+    return w
+
+
+def pack_pointwise_convs(mod: Any) -> tuple[Any, int]:
+    """Rewrite packable pointwise convs into packed-weight ``call_tir``s; returns (mod, count)."""
+    from tvm import relax
+
+    from apq.kernels.x86_int8_nhwc import pack_pointwise_weight, pointwise_packed_compute
+
+    count = 0
+
+    @relax.expr_functor.mutator
+    class _Packer(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
+            nonlocal count
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") != "relax.nn.conv2d":
+                return call
+            w = _packable_pointwise(call)
+            if w is None:
+                return call
+            count += 1
+            packed = relax.const(pack_pointwise_weight(w), "int8")
+            return self.builder_.call_te(pointwise_packed_compute, call.args[0], packed,
+                                         primfunc_name_hint="conv2d_u8s8_nhwc")
+
+    packer = _Packer(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            packer.builder_.update_func(gvar, packer.visit_expr(func))
+    return packer.builder_.get(), count
+
+
+def int8_to_nhwc(mod: Any) -> Any:
+    """The lowered int8 module in NHWC with packed pointwise convs (module docstring)."""
+    from tvm import relax
+
+    from apq.toolchain.float_layout import NHWC_LAYOUTS, clip_calls_to_ops
+    from apq.toolchain.layout import sink_nhwc_permutes
+
+    mod = clip_calls_to_ops(mod)
+    mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    mod, _ = sink_nhwc_permutes(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    mod, _ = pack_pointwise_convs(mod)
+    return mod
+
+
+__all__ = ["INT8_LAYOUTS", "int8_to_nhwc", "pack_pointwise_convs"]
