@@ -147,10 +147,13 @@ class SubnetConfig:
 class SearchSpace:
     """The elastic MobileNetV2 space, sized for 28-32 px inputs and a two-core CPU.
 
-    Default geometry: stem 3x3 stride 2 (28 -> 14 px), stages of widths 16/24/32 at strides
-    1/2/1 (14 -> 14 -> 7 -> 7 px), head 1x1 to 128 channels. Why the stride-2 stem: at 28 px a
+    Default geometry: stem 3x3 stride 2 (28 -> 14 px), stages of widths 16/32/48 at strides
+    1/2/1 (14 -> 14 -> 7 -> 7 px), head 1x1 to 192 channels. Why the stride-2 stem: at 28 px a
     full-resolution stage costs as much as the rest of the network together, and training
-    the supernet must fit in ~30 CPU minutes.
+    the supernet must fit in about 90 CPU minutes. Why 32/48 and 192 (were 24/32 and 128):
+    the largest subnet of the narrower space plateaued at 91.1% on Fashion-MNIST with 94%
+    training accuracy under augmentation, a capacity limit; the wider late stages cost ~1.2x
+    per training step because they run at 7 px.
     """
 
     in_channels: int = 1
@@ -158,13 +161,13 @@ class SearchSpace:
     num_classes: int = 10
     stem_width: int = 16
     stem_stride: int = 2
-    stage_widths: tuple[int, ...] = (16, 24, 32)
+    stage_widths: tuple[int, ...] = (16, 32, 48)
     stage_strides: tuple[int, ...] = (1, 2, 1)
     depth_choices: tuple[int, ...] = (2, 3, 4)
     kernel_choices: tuple[int, ...] = (3, 5, 7)
     expand_choices: tuple[int, ...] = (3, 4, 6)
     bit_choices: tuple[int, ...] = (2, 4, 8)
-    head_width: int = 128
+    head_width: int = 192
     fixed_bits: int = 8
     version: int = SPACE_VERSION
 
