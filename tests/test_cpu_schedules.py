@@ -104,13 +104,19 @@ def test_config_from_targets_and_json_roundtrip():
 
 
 def test_every_conv_and_matmul_gets_its_rule(mbv2_float, mbv2_qdq):
-    # float convs run NHWC by default (CompileOptions.float_layout), lowered int8 convs NCHW
-    for path, rule in ((mbv2_float, "conv2d-nhwc"), (mbv2_qdq, "conv2d-nchw")):
-        mod, _, spec = _relax_module(path)
+    from apq.targets.registry import get_target
+
+    # float convs run NHWC by default (CompileOptions.float_layout); lowered int8 convs NCHW when
+    # asked, NHWC by default on VNNI hosts (packed pointwise rule + the NHWC rule for KxK convs)
+    cases = [(mbv2_float, {}, {"conv2d-nhwc"}), (mbv2_qdq, {"int8_layout": "NCHW"}, {"conv2d-nchw"})]
+    if "avx512vnni" in get_target("host").features:
+        cases.append((mbv2_qdq, {}, {"int8-pointwise-nhwc", "conv2d-nhwc"}))
+    for path, options, rules in cases:
+        mod, _, spec = _relax_module(path, **options)
         chosen = _rule_for_each_func(mod, spec.tvm())
         convs = {k: v for k, v in chosen.items() if "conv2d" in k}
         assert len(convs) >= 15, chosen
-        assert set(convs.values()) == {rule}, convs
+        assert set(convs.values()) == rules, convs
         assert [v for k, v in chosen.items() if "matmul" in k] == ["matmul"]
 
 
@@ -120,7 +126,7 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
 
     from apq.kernels.cpu_schedules import Conv2dNCHWRule, CpuScheduleConfig
 
-    mod, _, spec = _relax_module(mbv2_qdq)
+    mod, _, spec = _relax_module(mbv2_qdq, int8_layout="NCHW")  # the NCHW rule's path
     target = spec.tvm()
     fused = _fused(mod, target)
     # parallel loops are only emitted above min_parallel_work (a parallel region costs even at

@@ -104,7 +104,7 @@ def test_nchw_and_integer_convs_are_left_to_the_other_rules(mbv2_qdq):
     from apq.toolchain.compile import CompileOptions
     from apq.toolchain.float_layout import has_integer_conv, to_nhwc
 
-    mod, _, spec = _relax_module(mbv2_qdq)  # lowered int8: its convs stay NCHW
+    mod, _, spec = _relax_module(mbv2_qdq, int8_layout="NCHW")  # lowered int8 kept in NCHW
     assert has_integer_conv(mod) and to_nhwc(mod).same_as(mod)
     target = spec.tvm()
     cfg = CpuScheduleConfig.for_target(target)
