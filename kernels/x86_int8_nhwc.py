@@ -125,16 +125,16 @@ def find_packed_pointwise(sch: Any) -> Any | None:
 
 def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
     """Register-tile the packed pointwise conv and tensorize its (lanes x 4) core with vpdpbusd."""
-    from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _tile_consumer, choose_tile, inline_elementwise)
+    from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _block_iterations, _finish_tiled_reduction, choose_tile,
+                                           inline_elementwise)
 
     block = sch.get(conv)
-    n_ext, h_ext, w_ext, oc, groups, _ = (int(iv.dom.extent) for iv in block.iter_vars)
+    _, _, w_ext, oc, _, _ = (int(iv.dom.extent) for iv in block.iter_vars)
     lanes = lanes_for(oc)
     if lanes is None:
         return False
     intrin = register_intrinsic(lanes)
     inline_elementwise(sch, func, keep=[conv])
-    npix = h_ext * w_ext
     _, fv, w_t = choose_tile({"oc": oc, "ow": w_ext, "depthwise": 0}, lanes, cfg.accumulators)
     acc = Conv2dNCHWRule._accumulator(sch, func, conv)
     n, y, x, o, g, k = sch.get_loops(acc)
@@ -142,15 +142,12 @@ def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
     oo, ov, ol = sch.split(o, [None, fv, lanes])
     sch.reorder(n, y, xo, oo, g, xi, ov, ol, k)
     outer = sch.fuse(n, y, xo, oo)
-    if cfg.num_cores > 1 and n_ext * npix * oc * groups * K_GROUP >= cfg.min_parallel_work:
+    if cfg.num_cores > 1 and _block_iterations(sch, acc) >= cfg.min_parallel_work:
         sch.parallel(outer)
-    done = {sch.get(acc).name_hint, _tile_consumer(sch, func, acc, outer, lanes)}
-    init = sch.decompose_reduction(acc, g)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _finish_tiled_reduction(sch, func, cfg, acc, g, outer, lanes)
     sch.tensorize(ol, intrin)
     sch.unroll(xi)
     sch.unroll(ov)
-    Conv2dNCHWRule._schedule_rest(sch, cfg, done)
     return True
 
 

@@ -90,10 +90,15 @@ def has_integer_conv(mod: Any) -> bool:
 
 def to_nhwc(mod: Any) -> Any:
     """Float convs to NHWC/HWIO (module docstring); unchanged if any conv is integer."""
-    from tvm import relax
-
     if has_integer_conv(mod):
         return mod
+    return convert_convs(mod)
+
+
+def convert_convs(mod: Any) -> Any:
+    """Every conv2d to NHWC/HWIO, Clip kernels first turned into ops, weight transposes folded."""
+    from tvm import relax
+
     mod = clip_calls_to_ops(mod)
     mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
     # the HWIO weights are transposes of constants: fold them so no inference transposes weights

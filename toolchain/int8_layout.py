@@ -82,13 +82,10 @@ def int8_to_nhwc(mod: Any) -> Any:
     """The lowered int8 module in NHWC with packed pointwise convs (module docstring)."""
     from tvm import relax
 
-    from apq.toolchain.float_layout import NHWC_LAYOUTS, clip_calls_to_ops
+    from apq.toolchain.float_layout import convert_convs
     from apq.toolchain.layout import sink_nhwc_permutes
 
-    mod = clip_calls_to_ops(mod)
-    mod = relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
-    mod = relax.transform.FoldConstant()(mod)
-    mod, _ = sink_nhwc_permutes(mod)
+    mod, _ = sink_nhwc_permutes(convert_convs(mod))
     mod = relax.transform.DeadCodeElimination()(mod)
     mod, _ = pack_pointwise_convs(mod)
     return mod
