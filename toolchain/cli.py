@@ -10,11 +10,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from apq.toolchain.errors import ApqError, InvalidInputError
 
 Handler = Callable[[argparse.Namespace], int]
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2.
+
+    Why: every other bad input gets one line (the project's rule); argparse's default prints
+    the whole usage block first. ``-h`` still prints it. Sub-command parsers inherit the class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
 
 
@@ -133,7 +144,7 @@ def _print_layers(layers: list[dict]) -> None:
 
 def compile_main(argv: list[str] | None = None) -> int:
     """Entry point of `apq-compile` (same as `apq compile`)."""
-    parser = argparse.ArgumentParser(prog="apq-compile", description=_COMMANDS["compile"][0])
+    parser = OneLineErrorParser(prog="apq-compile", description=_COMMANDS["compile"][0])
     _compile_args(parser)
     return _run(parser, cmd_compile, argv)
 
@@ -300,7 +311,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apq", description="APQ: joint architecture / pruning / "
+    parser = OneLineErrorParser(prog="apq", description="APQ: joint architecture / pruning / "
                                      "quantization search with compiled, measured deployment artifacts")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, fn) in _COMMANDS.items():
