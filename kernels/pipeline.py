@@ -31,15 +31,17 @@ def prepare_passes(target: Any) -> list[Any]:
     Shared with kernels/tuning.py so MetaSchedule tunes exactly the PrimFuncs the build sees.
     TVM's own passes, preceded by a ``LegalizeOps`` whose ``relax.quantize`` is apq's exact
     division-free requantize (:mod:`apq.kernels.requantize`); TVM's ``LegalizeOps`` then finds
-    nothing left to legalize.
+    nothing left to legalize. Before it, quantizes whose input is provably finite and bounded
+    (every int8 layer's epilogue) lose their saturation clamp (:mod:`apq.kernels.requantize_bounds`).
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from apq.kernels.requantize import legalize_map
+    from apq.kernels.requantize_bounds import drop_proven_clamps_pass
 
     return (cpu.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
+            + [drop_proven_clamps_pass(), relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
             + cpu.legalize_passes(target))
 
 

@@ -74,12 +74,28 @@ def exact_quotient(x: Any, scale: Any, reciprocal: Any) -> Any:
     return fma(residual, r, q0)
 
 
-def _scalar_value(expr: Any) -> np.ndarray | None:
+def scalar_value(expr: Any) -> np.ndarray | None:
     """The one element of a constant (a 0-d or size-1 tensor), else None."""
     from apq.toolchain.layers import const_value
 
     value = const_value(expr)
     return None if value is None or value.size != 1 else value.reshape(-1)[0]
+
+
+def exact_quantize_params(call: Any) -> tuple[float, float, int, str] | None:
+    """(scale, reciprocal, zero point, out dtype) of a ``relax.quantize`` the division-free
+    compute covers: scalar float32 constant scale in the proven range, scalar constant zero
+    point, integer output of <= 16 bits. None: keep TVM's default legalization."""
+    import tvm
+
+    scale, zp = scalar_value(call.args[1]), scalar_value(call.args[2])
+    out_dtype = str(call.attrs.out_dtype)
+    if scale is None or zp is None or scale.dtype != np.float32 or "int" not in out_dtype:
+        return None
+    if tvm.DataType(out_dtype).bits > 16:
+        return None
+    reciprocal = exact_reciprocal(float(scale))
+    return None if reciprocal is None else (float(scale), reciprocal, int(zp), out_dtype)
 
 
 def legalize_quantize(bb: Any, call: Any) -> Any:
@@ -90,28 +106,37 @@ def legalize_quantize(bb: Any, call: Any) -> Any:
     step does not cover), so fusion and apq's schedules see the same single elementwise block.
     """
     import tvm
-    from tvm import te, tirx
-    from tvm.relax.transform.legalize_ops.qdq import clip_cast  # the default legalization's saturation
 
     default = tvm.ir.Op.get("relax.quantize").get_attr("FLegalize")
-    scale, zp = _scalar_value(call.args[1]), _scalar_value(call.args[2])
-    out_dtype = str(call.attrs.out_dtype)
-    reciprocal = exact_reciprocal(float(scale)) if scale is not None and scale.dtype == np.float32 else None
-    if reciprocal is None or zp is None or "int" not in out_dtype or tvm.DataType(out_dtype).bits > 16:
+    params = exact_quantize_params(call)
+    if params is None:
         return default(bb, call)
-    scale, zp = float(scale), int(zp)
+    compute = quantize_compute(*params, clamp=True)
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="quantize")
+
+
+def quantize_compute(scale: float, reciprocal: float, zero_point: int, out_dtype: str, clamp: bool = True) -> Any:
+    """TE compute of ``saturate(rint(x / scale) + zero_point)`` via :func:`exact_quotient`.
+
+    ``clamp=False`` omits the +-``scale * 2^24`` input clamp; only for inputs proven finite and
+    bounded (kernels/requantize_bounds.py), where it changes no output.
+    """
+    from tvm import te, tirx
+    from tvm.relax.transform.legalize_ops.qdq import clip_cast  # the default legalization's saturation
 
     bound = tirx.const(float(np.float32(abs(scale) * SATURATION_QUOTIENT)), "float32")
 
     def compute(data: Any) -> Any:
         def element(*indices: Any) -> Any:
-            clamped = te.max(te.min(data[indices], bound), -bound)  # +-inf, NaN: see SATURATION_QUOTIENT
-            q = exact_quotient(clamped, scale, reciprocal)
-            return clip_cast(te.round(q) + tirx.const(zp, "float32"), out_dtype)
+            x = data[indices]
+            if clamp:
+                x = te.max(te.min(x, bound), -bound)  # +-inf, NaN: see SATURATION_QUOTIENT
+            q = exact_quotient(x, scale, reciprocal)
+            return clip_cast(te.round(q) + tirx.const(zero_point, "float32"), out_dtype)
 
         return te.compute(data.shape, element, name="quantized")
 
-    return bb.call_te(compute, call.args[0], primfunc_name_hint="quantize")
+    return compute
 
 
 def legalize_map() -> dict[str, Any]:
@@ -119,4 +144,4 @@ def legalize_map() -> dict[str, Any]:
     return {"relax.quantize": legalize_quantize}
 
 
-__all__ = ["exact_reciprocal", "exact_quotient", "legalize_quantize", "legalize_map", "SCALE_MIN", "SCALE_MAX"]
+__all__ = ["exact_reciprocal", "exact_quotient", "legalize_quantize", "legalize_map", "quantize_compute", "scalar_value", "exact_quantize_params", "SCALE_MIN", "SCALE_MAX"]

@@ -435,3 +435,32 @@ def test_batch1_dense_streams_weight_rows_and_matches_unscheduled(dtype):
     script = sch.mod["main"].script()
     assert re.search(rf"for k, \w+ in T\.grid\(T\.int64\({k}\), ", script), script  # k outside the outputs
     _assert_schedule_keeps_outputs(mod, target, [x], exact=dtype != "float32", atol=1e-4)
+
+
+def test_few_channel_transpose_vectorizes_the_input_row_and_matches_unscheduled():
+    """NCHW -> NHWC of a 3-channel image fused with its quantize (an int8 model's input): the
+    vector loop runs along the input's contiguous row (16 float lanes), not the 3 channels."""
+    from tvm import relax
+
+    from apq.targets.registry import get_target
+
+    target = get_target("host").tvm()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 3, 32, 32], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = relax.op.quantize(x, relax.const(np.float32(0.02)), relax.const(np.uint8(127)), axis=1,
+                                  out_dtype="uint8")
+            y = bb.emit_output(bb.emit(relax.op.permute_dims(q, [0, 2, 3, 1])))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    from apq.kernels.pipeline import schedule_pass
+
+    with target:
+        scheduled = schedule_pass()(_fused(mod, target))
+    (func,) = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = func.script()
+    assert "T.vectorized(T.int64(16))" in script and "T.vectorized(T.int64(3))" not in script, script
+    rng = np.random.default_rng(0)
+    img = (rng.standard_normal((1, 3, 32, 32)) * 2).astype(np.float32)
+    _assert_schedule_keeps_outputs(mod, target, [img], exact=True)

@@ -124,3 +124,73 @@ def test_pipeline_quantize_is_division_free_and_matches_onnx_rounding(dtype, zer
     want = np.clip(np.rint(x[finite] / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
     assert np.array_equal(got["apq"][finite], want)
     assert np.array_equal(got["apq"], got["division"])  # inf, -inf and NaN included
+
+
+def _accumulator_requantize_module(multiplier: np.ndarray, scale: float, zero_point: int, dtype: str):
+    """quantize(astype(acc:int32, f32) * m, s, z): an int8 layer's epilogue, input provably bounded."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    acc = relax.Var("acc", relax.TensorType([len(multiplier), 4096], "int32"))
+    with bb.function("main", [acc]):
+        with bb.dataflow():
+            x = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(multiplier[:, None])))
+            q = bb.emit(relax.op.quantize(x, relax.const(np.float32(scale)),
+                                          relax.const(np.array(zero_point, dtype)), axis=-1, out_dtype=dtype))
+            out = bb.emit_output(q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("dtype,zero_point,scale", [("uint8", 128, 0.0173), ("int8", -3, 0.0173),
+                                                    ("uint8", 0, 1e-9)])  # 1e-9: quotients up to 2^54
+def test_proven_bounded_quantize_drops_its_clamp_without_changing_any_output(dtype, zero_point, scale, monkeypatch):
+    """Extreme int32 accumulators and half-step boundaries: the unclamped requantize equals the
+    clamped one and NumPy's float32 division, bit for bit."""
+    from tvm import relax
+
+    from apq.kernels import requantize_bounds
+    from apq.kernels.pipeline import compile_relax
+    from apq.kernels.requantize_bounds import drop_proven_clamps
+    from apq.targets.registry import get_target
+
+    target = tvm.target.Target(get_target("host").tvm_target)
+    m = np.array([1e-2, 3e-4, 0.0173 * 0.37, 1.0], np.float32)
+    mod = _accumulator_requantize_module(m, scale, zero_point, dtype)
+    assert drop_proven_clamps(mod)[1] == 1
+    rng = np.random.default_rng(3)
+    acc = rng.integers(-(1 << 31), (1 << 31) - 1, (len(m), 4096), dtype=np.int64).astype(np.int32)
+    acc[:, :8] = [[-(1 << 31), (1 << 31) - 1, 0, 1, -1, 1 << 24, -(1 << 24), (1 << 24) + 1]] * len(m)
+    for i, mi in enumerate(m):  # accumulators whose rescaled value sits on a rounding boundary
+        k = rng.integers(-300, 300, 1024)
+        acc[i, 8:1032] = np.rint((k + 0.5) * np.float64(scale) / np.float64(mi)).astype(np.int64).clip(-(1 << 31), (1 << 31) - 1)
+        acc[i, 1032:2056] = rng.integers(-(1 << 16), 1 << 16, 1024)
+    got = {}
+    for name, limit in (("unclamped", requantize_bounds.QUOTIENT_LIMIT), ("clamped", 0.0)):
+        monkeypatch.setattr(requantize_bounds, "QUOTIENT_LIMIT", limit)
+        vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
+        got[name] = vm["main"](tvm.runtime.tensor(acc)).numpy()
+    x = (acc.astype(np.float32) * m[:, None]).astype(np.float32)
+    info = np.iinfo(dtype)
+    want = np.clip(np.rint(x / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
+    assert np.array_equal(got["unclamped"], want)
+    assert np.array_equal(got["unclamped"], got["clamped"])
+    # not vacuous: typical scales give many levels; the tiny one saturates both ways
+    assert len(np.unique(want)) > 20 if scale > 1e-6 else set(np.unique(want)) == {info.min, info.max}
+
+
+def test_quantize_of_an_unbounded_float_keeps_its_clamp(mbv2_qdq):
+    """A float model input can be inf/NaN: its quantize is not rewritten; every layer's is."""
+    from tvm import relax
+
+    from apq.kernels.requantize_bounds import drop_proven_clamps
+    from test_cpu_schedules import _relax_module
+
+    assert drop_proven_clamps(_quantize_module(0.0173, 0, "int8"))[1] == 0
+    mod, _, _ = _relax_module(mbv2_qdq)
+    quantizes = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: quantizes.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.quantize" else None)
+    first_input = [q for q in quantizes if isinstance(q.args[0], relax.Var) and q.args[0].same_as(mod["main"].params[0])]
+    _, rewritten = drop_proven_clamps(mod)
+    assert len(first_input) == 1 and rewritten == len(quantizes) - 1
