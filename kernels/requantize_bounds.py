@@ -89,10 +89,25 @@ def _both(call: Any, bound: Any, combine: Any) -> float | None:
 
 
 def _astype(call: Any, bound: Any) -> float | None:
-    """Integer -> float: the integer range (float32 of an int32 is at most 2^31)."""
-    src = _dtype(call.args[0])
-    limit = _int_range_bound(src)
+    """To float32: an integer source's range (float32 of an int32 is at most 2^31), else the
+    source's bound. Narrower floats (float16 overflows at 65504) are not followed."""
+    if _dtype(call) != "float32":
+        return None
+    limit = _int_range_bound(_dtype(call.args[0]))
     return limit if limit is not None else bound(call.args[0])
+
+
+def _mean(call: Any, bound: Any) -> float | None:
+    """|mean| <= max |x|, provided the running sum (at most numel * max |x|) cannot overflow."""
+    b = bound(call.args[0])
+    shape = getattr(getattr(call.args[0], "ty", None) or getattr(call.args[0], "struct_info", None), "shape", None)
+    try:
+        numel = int(np.prod([int(d) for d in shape])) if shape is not None else None
+    except (TypeError, ValueError):  # symbolic dims
+        numel = None
+    if b is None or numel is None or b * numel >= QUOTIENT_LIMIT:
+        return None
+    return b * _ROUNDING_SLACK
 
 
 def _dequantize(call: Any, bound: Any) -> float | None:
@@ -130,8 +145,8 @@ _RULES = {
     "relax.minimum": lambda c, b: _both(c, b, max),
     "relax.clip": _clip,
     "relax.nn.relu": lambda c, b: b(c.args[0]),
-    # value-preserving or averaging: |out| <= max |in|
-    "relax.mean": lambda c, b: b(c.args[0]),
+    "relax.mean": _mean,
+    # value-preserving: |out| <= max |in|
     "relax.reshape": lambda c, b: b(c.args[0]),
     "relax.permute_dims": lambda c, b: b(c.args[0]),
 }
