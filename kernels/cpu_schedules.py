@@ -279,9 +279,10 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 
     if not _has_if_then_else(sch, block):
         across = _read_contiguous_loop(sch, block, loops, cfg) if ext < lanes else None
         if across is not None:  # a layout transpose with few channels: vectorize the read's axis
-            outer_loops = [lp for lp in loops if not lp.same_as(across)]
-            sch.reorder(*outer_loops, across)
-            rest, vec = sch.split(across, [None, _read_lanes(sch, block, cfg)])
+            loop, read_lanes = across
+            outer_loops = [lp for lp in loops if not lp.same_as(loop)]
+            sch.reorder(*outer_loops, loop)
+            rest, vec = sch.split(loop, [None, read_lanes])
             outer_loops.append(rest)
             sch.vectorize(vec)
         elif ext % lanes == 0:
@@ -300,19 +301,11 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 
         sch.parallel(outer)
 
 
-def _widest_read(sch: Any, block: Any) -> Any | None:
-    """The read region of the block with the most dimensions (its main input)."""
-    return max(sch.get(block).reads, key=lambda r: len(r.region), default=None)
-
-
-def _read_lanes(sch: Any, block: Any, cfg: CpuScheduleConfig) -> int:
-    """SIMD lanes for the widest read's dtype (a float32 -> uint8 quantize computes in float32)."""
-    return cfg.lanes(int(_widest_read(sch, block).source.dtype.bits))
-
-
-def _read_contiguous_loop(sch: Any, block: Any, loops: list[Any], cfg: CpuScheduleConfig) -> Any | None:
-    """The loop along which the block's widest read is contiguous, when that is not the
-    innermost loop and its extent is a multiple of the read's SIMD lanes; else None.
+def _read_contiguous_loop(sch: Any, block: Any, loops: list[Any], cfg: CpuScheduleConfig) -> tuple[Any, int] | None:
+    """(loop, lanes): the loop along which the block's widest read (the one with the most
+    dimensions, its main input) is contiguous, when that is not the innermost loop and its
+    extent is a multiple of the SIMD lanes of the read's dtype (a float32 -> uint8 quantize
+    computes in float32); else None.
 
     Why: a layout transpose whose output's innermost axis is short (NCHW -> NHWC of a 3-channel
     image, fused with the input quantize) was vectorized 3 lanes wide along that axis, with a
@@ -324,16 +317,16 @@ def _read_contiguous_loop(sch: Any, block: Any, loops: list[Any], cfg: CpuSchedu
     stmt = sch.get(block)
     if len(loops) != len(stmt.iter_vars) or len(loops) < 2:
         return None
-    widest = _widest_read(sch, block)
+    widest = max(stmt.reads, key=lambda r: len(r.region), default=None)
     if widest is None or len(widest.region) < 2:
         return None
-    lanes = _read_lanes(sch, block, cfg)
+    lanes = cfg.lanes(int(widest.source.dtype.bits))
     last = widest.region[-1]
     if int(getattr(last.extent, "value", 0)) != 1:
         return None
     for i, iv in enumerate(stmt.iter_vars[:-1]):
         if last.min.same_as(iv.var) and (_int_extent(sch, loops[i]) or 0) % lanes == 0:
-            return loops[i]
+            return loops[i], lanes
     return None
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from apq.toolchain.layers import const_value, static_shape, tensor_dtype
+
 #: Largest proven ``bound(x) * |1/s|`` that drops the clamp: 2^100, far below float32's 2^128.
 QUOTIENT_LIMIT = 2.0 ** 100
 #: How many bindings up the dataflow the proof may look (an int8 epilogue is 3-5 ops deep).
@@ -38,8 +40,6 @@ _ROUNDING_SLACK = 1.0 + 2.0 ** -20
 
 def _const_bound(expr: Any) -> float | None:
     """max |value| of a finite Relax constant, else None."""
-    from apq.toolchain.layers import const_value
-
     value = const_value(expr)
     if value is None or value.size == 0:
         return None
@@ -55,12 +55,6 @@ def _int_range_bound(dtype: str) -> float | None:
     return float(max(abs(int(info.min)), int(info.max)))
 
 
-def _dtype(expr: Any) -> str:
-    """The tensor dtype of a Relax expression ('' when unknown). TVM 0.27 calls it ``ty``."""
-    info = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
-    return str(getattr(info, "dtype", ""))
-
-
 def value_bound(expr: Any, var2val: dict[Any, Any], depth: int = 0) -> float | None:
     """A proven upper bound of ``|expr|`` for every input, or None when it cannot be proven."""
     from tvm import relax
@@ -70,7 +64,7 @@ def value_bound(expr: Any, var2val: dict[Any, Any], depth: int = 0) -> float | N
     constant = _const_bound(expr)
     if constant is not None:
         return constant
-    as_int = _int_range_bound(_dtype(expr))
+    as_int = _int_range_bound(tensor_dtype(expr))
     if as_int is not None:
         return as_int
     if isinstance(expr, relax.Var):
@@ -91,20 +85,16 @@ def _both(call: Any, bound: Any, combine: Any) -> float | None:
 def _astype(call: Any, bound: Any) -> float | None:
     """To float32: an integer source's range (float32 of an int32 is at most 2^31), else the
     source's bound. Narrower floats (float16 overflows at 65504) are not followed."""
-    if _dtype(call) != "float32":
+    if tensor_dtype(call) != "float32":
         return None
-    limit = _int_range_bound(_dtype(call.args[0]))
+    limit = _int_range_bound(tensor_dtype(call.args[0]))
     return limit if limit is not None else bound(call.args[0])
 
 
 def _mean(call: Any, bound: Any) -> float | None:
     """|mean| <= max |x|, provided the running sum (at most numel * max |x|) cannot overflow."""
-    b = bound(call.args[0])
-    shape = getattr(getattr(call.args[0], "ty", None) or getattr(call.args[0], "struct_info", None), "shape", None)
-    try:
-        numel = int(np.prod([int(d) for d in shape])) if shape is not None else None
-    except (TypeError, ValueError):  # symbolic dims
-        numel = None
+    b, shape = bound(call.args[0]), static_shape(call.args[0])
+    numel = int(np.prod(shape)) if shape is not None else None  # None: symbolic dims
     if b is None or numel is None or b * numel >= QUOTIENT_LIMIT:
         return None
     return b * _ROUNDING_SLACK
@@ -112,7 +102,7 @@ def _mean(call: Any, bound: Any) -> float | None:
 
 def _dequantize(call: Any, bound: Any) -> float | None:
     """``(q - z) * s`` with an integer q and constant s, z."""
-    q_range = _int_range_bound(_dtype(call.args[0]))
+    q_range = _int_range_bound(tensor_dtype(call.args[0]))
     s, z = _const_bound(call.args[1]), _const_bound(call.args[2])
     if q_range is None or s is None or z is None:
         return None

@@ -57,6 +57,8 @@ from apq.toolchain.layers import (
     LayerRecord,
     const_value,
     range_bits,
+    static_shape,
+    tensor_dtype,
     weight_fingerprint,
 )
 
@@ -193,36 +195,22 @@ def _op_name(call: Any) -> str:
     return str(getattr(op, "name", "")) if op is not None else ""
 
 
-def _shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None)
-    shape = getattr(ty, "shape", None)
-    try:
-        return [int(v) for v in shape.values] if shape is not None else None
-    except (TypeError, AttributeError):
-        return None
-
-
-def _dtype(expr: Any) -> str:
-    ty = getattr(expr, "ty", None)
-    return str(getattr(ty, "dtype", "")) if ty is not None else ""
-
-
 def _is_integer_dot(call: Any) -> bool:
     if _op_name(call) not in ("relax.nn.conv2d", "relax.matmul"):
         return False
-    return (_dtype(call) == "int32" and _dtype(call.args[0]) in ("int8", "uint8")
-            and _dtype(call.args[1]) == "int8" and const_value(call.args[1]) is not None)
+    return (tensor_dtype(call) == "int32" and tensor_dtype(call.args[0]) in ("int8", "uint8")
+            and tensor_dtype(call.args[1]) == "int8" and const_value(call.args[1]) is not None)
 
 
 def layer_kind(call: Any) -> str:
     """pointwise | conv | depthwise | dense | other, for an integer conv2d / matmul call."""
     if _op_name(call) == "relax.matmul":
-        x = _shape(call.args[0])
+        x = static_shape(call.args[0])
         return "dense" if x is not None and len(x) == 2 and const_value(call.args[1]).ndim == 2 else "other"
     a = call.attrs
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
         return "other"
-    w, x = const_value(call.args[1]), _shape(call.args[0])
+    w, x = const_value(call.args[1]), static_shape(call.args[0])
     if x is None or len(x) != 4:
         return "other"
     groups, cin = int(a.groups), x[1]
@@ -262,7 +250,7 @@ def integer_range(producers: _Producers, data: Any) -> tuple[int, int]:
     """
     from apq.toolchain.layers import _clip_step  # one reader of ONNX-imported Clip forms
 
-    info = np.iinfo(np.dtype(_dtype(data)))
+    info = np.iinfo(np.dtype(tensor_dtype(data)))
     lo, hi = int(info.min), int(info.max)
     expr = data
     for _ in range(8):
@@ -386,8 +374,8 @@ def _unsigned_input(x: Any, d: LayerDecision) -> Any:
     from tvm import relax
 
     if d.a_offset:
-        x = relax.op.add(x, relax.const(d.a_offset, _dtype(x)))  # no overflow: range proven
-    return relax.op.astype(x, "uint8") if _dtype(x) != "uint8" else x
+        x = relax.op.add(x, relax.const(d.a_offset, tensor_dtype(x)))  # no overflow: range proven
+    return relax.op.astype(x, "uint8") if tensor_dtype(x) != "uint8" else x
 
 
 def _offset_correction(acc: Any, d: LayerDecision, wsum: np.ndarray, shape: tuple[int, ...]) -> Any:
@@ -412,7 +400,7 @@ def _emit_conv(bb: Any, call: Any, x: Any, d: LayerDecision, target: Any) -> Any
     cfg = BitserialConfig(d.a_bits, d.w_bits, d.weight_mode, stride=int(call.attrs.strides[0]),
                           padding=int(call.attrs.padding[0]))
     xt = bb.emit(relax.op.permute_dims(_unsigned_input(x, d), [0, 2, 3, 1]))
-    x_shape = tuple(_shape(xt))
+    x_shape = tuple(static_shape(xt))
     if d.op == "depthwise":
         packed = bitpack.pack_depthwise_weights(np.transpose(w[:, 0], (1, 2, 0)), d.w_bits, d.weight_mode)
         spec = find_kernel("depthwise_conv2d", d.a_bits, d.w_bits, target.arch)
@@ -441,8 +429,8 @@ def _emit_dense(bb: Any, call: Any, x: Any, d: LayerDecision, target: Any) -> An
     w_kn = const_value(call.args[1])
     cfg = BitserialConfig(d.a_bits, d.w_bits, d.weight_mode)
     packed = bitpack.pack_dense_weights(w_kn.T, d.w_bits, d.weight_mode, cfg.word_bits)
-    xu = bb.emit(_unsigned_input(x, d)) if d.a_offset or _dtype(x) != "uint8" else x
-    x_shape = tuple(_shape(xu))
+    xu = bb.emit(_unsigned_input(x, d)) if d.a_offset or tensor_dtype(x) != "uint8" else x
+    x_shape = tuple(static_shape(xu))
     spec = find_kernel("dense", d.a_bits, d.w_bits, target.arch)
     func = spec.builder(x_shape, packed.shape, cfg=cfg, target=target.tvm())
     d.kernel = d.kernel_family

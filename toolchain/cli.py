@@ -15,6 +15,8 @@ from typing import Any, Callable, NoReturn
 from apq.toolchain.errors import ApqError, InvalidInputError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2.
 

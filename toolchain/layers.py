@@ -94,7 +94,8 @@ def _op_name(call: Any) -> str:
     return str(getattr(op, "name", "")) if op is not None else ""
 
 
-def _dtype(expr: Any) -> str:
+def tensor_dtype(expr: Any) -> str:
+    """The tensor dtype of a Relax expression ('' when unknown; TVM 0.27 calls its type ``ty``)."""
     ty = getattr(expr, "ty", None)
     return str(getattr(ty, "dtype", "")) if ty is not None else ""
 
@@ -197,8 +198,8 @@ def _clip_step(val: Any) -> "tuple[Any, float | None, float | None] | None":
 
 def _activation_bits(producers: _Producers, data: Any) -> int:
     """Bits of an integer activation: from the clip bounding the quantized value, else its dtype."""
-    dtype_bits = _dtype_bits(_dtype(data))
-    info = np.iinfo(np.dtype(_dtype(data))) if _dtype(data) in ("int8", "uint8", "int16", "uint16") else None
+    dtype_bits = _dtype_bits(tensor_dtype(data))
+    info = np.iinfo(np.dtype(tensor_dtype(data))) if tensor_dtype(data) in ("int8", "uint8", "int16", "uint16") else None
     if info is None:
         return dtype_bits
     lo, hi = float(info.min), float(info.max)
@@ -206,7 +207,7 @@ def _activation_bits(producers: _Producers, data: Any) -> int:
     unbiased = _through_rebias(producers, expr)
     if unbiased is not None:  # a shift by a constant keeps the number of levels: read the source's
         expr = producers.through(unbiased, _PASS_THROUGH)
-        src = np.iinfo(np.dtype(_dtype(unbiased))) if _dtype(unbiased) in ("int8", "uint8") else info
+        src = np.iinfo(np.dtype(tensor_dtype(unbiased))) if tensor_dtype(unbiased) in ("int8", "uint8") else info
         lo, hi = float(src.min), float(src.max)
     for _ in range(8):
         step = _clip_step(producers(expr))
@@ -254,13 +255,13 @@ def _describe_dot(kind: str) -> _Describer:
 
     def describe(call: Any, producers: _Producers) -> tuple[str, str, int, int]:
         data, weight = call.args[0], call.args[1]
-        a_dt, w_dt = _dtype(data), _dtype(weight)
+        a_dt, w_dt = tensor_dtype(data), tensor_dtype(weight)
         if a_dt.startswith("float") or w_dt.startswith("float"):
             fake = _is_dequantized(producers, data) or _is_dequantized(producers, weight)
             suffix = "(fake-quant QDQ)" if fake else ""
-            out_dt = _dtype(call) or a_dt
+            out_dt = tensor_dtype(call) or a_dt
             return kind, f"{kind}.{out_dt}{suffix}", FLOAT_BITS, FLOAT_BITS
-        out_dt = _dtype(call)
+        out_dt = tensor_dtype(call)
         w_arr = const_value(producers.through(weight, _PASS_THROUGH))
         wbits = _dtype_bits(w_dt)
         if w_arr is not None:
@@ -341,7 +342,8 @@ def describe_layers(mod: Any, func_name: str = "main") -> list[LayerRecord]:
     return records
 
 
-def _static_shape(expr: Any) -> list[int] | None:
+def static_shape(expr: Any) -> list[int] | None:
+    """The static shape of a Relax expression, or None (unknown or symbolic dims)."""
     ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
     shape = getattr(ty, "shape", None)
     try:
@@ -354,7 +356,7 @@ def _geometry(op: str, call: Any) -> dict[str, Any] | None:
     """Static geometry of a conv2d (NCHW/OIHW) or matmul call, or None when not static."""
     try:
         if op == "conv2d" and _op_name(call) == "relax.nn.conv2d":
-            x, w, y = _static_shape(call.args[0]), _static_shape(call.args[1]), _static_shape(call)
+            x, w, y = static_shape(call.args[0]), static_shape(call.args[1]), static_shape(call)
             if x is None or w is None or y is None or len(x) != 4 or str(call.attrs.data_layout) != "NCHW":
                 return None
             groups = int(call.attrs.groups)
@@ -365,7 +367,7 @@ def _geometry(op: str, call: Any) -> dict[str, Any] | None:
             return {"op": kind, "in_ch": x[1], "out_ch": w[0], "kernel": w[2], "stride": strides[0],
                     "in_h": y[2] * strides[0], "in_w": y[3] * strides[1], "groups": groups, "batch": x[0]}
         if op == "matmul":
-            x, out = _static_shape(call.args[0]), _static_shape(call)
+            x, out = static_shape(call.args[0]), static_shape(call)
             if x is None or out is None or len(x) != 2:
                 return None
             return {"op": "dense", "in_ch": x[1], "out_ch": out[-1], "kernel": 1, "stride": 1, "in_h": 1,
