@@ -142,18 +142,22 @@ _RULES = {
 }
 
 
-def _droppable(call: Any, var2val: dict[Any, Any]) -> tuple[float, float, int, str] | None:
-    """(scale, reciprocal, zero point, out dtype) of a quantize whose clamp is provably dead."""
-    from apq.kernels.requantize import exact_quantize_params
+def _droppable(call: Any, var2val: dict[Any, Any]) -> tuple[tuple[float, float, int, str], bool] | None:
+    """(scale, reciprocal, zero point, out dtype) of a quantize whose clamp is provably dead, and
+    whether its quotient is also proven small enough to round straight to int32."""
+    from apq.kernels.requantize import INTEGER_ROUNDING_LIMIT, exact_quantize_params
 
     params = exact_quantize_params(call)
     if params is None:
         return None
     reciprocal = params[1]
     bound = value_bound(call.args[0], var2val)
-    if bound is None or bound * abs(reciprocal) * _ROUNDING_SLACK >= QUOTIENT_LIMIT:
+    if bound is None:
         return None
-    return params
+    quotient_bound = bound * abs(reciprocal) * _ROUNDING_SLACK
+    if quotient_bound >= QUOTIENT_LIMIT:
+        return None
+    return params, quotient_bound < INTEGER_ROUNDING_LIMIT
 
 
 def drop_proven_clamps(mod: Any) -> tuple[Any, int]:
@@ -180,7 +184,9 @@ def drop_proven_clamps(mod: Any) -> tuple[Any, int]:
             if proven is None:
                 return call
             count += 1
-            return self.builder_.call_te(quantize_compute(*proven, clamp=False), call.args[0],
+            params, integer_rounding = proven
+            compute = quantize_compute(*params, clamp=False, integer_rounding=integer_rounding)
+            return self.builder_.call_te(compute, call.args[0],
                                          primfunc_name_hint="quantize")
 
     rewriter = _Rewriter(mod)

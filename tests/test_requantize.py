@@ -142,11 +142,21 @@ def _accumulator_requantize_module(multiplier: np.ndarray, scale: float, zero_po
     return bb.get()
 
 
-@pytest.mark.parametrize("dtype,zero_point,scale", [("uint8", 128, 0.0173), ("int8", -3, 0.0173),
-                                                    ("uint8", 0, 1e-9)])  # 1e-9: quotients up to 2^54
-def test_proven_bounded_quantize_drops_its_clamp_without_changing_any_output(dtype, zero_point, scale, monkeypatch):
+#: per-row multipliers: up to 1.0 the proven quotient exceeds 2^30 (unclamped, rounded in float);
+#: the small ones keep it below (unclamped, rounded straight to int32 with llvm.lrint)
+_LARGE_M = (1e-2, 3e-4, 0.0173 * 0.37, 1.0)
+_SMALL_M = (3e-4, 1e-4, 0.0173 * 0.0037, 2e-5)
+
+
+@pytest.mark.parametrize("dtype,zero_point,scale,multipliers,integer_rounding", [
+    ("uint8", 128, 0.0173, _LARGE_M, False), ("int8", -3, 0.0173, _LARGE_M, False),
+    ("uint8", 0, 1e-9, _LARGE_M, False),  # 1e-9: quotients up to 2^54
+    ("uint8", 128, 0.0173, _SMALL_M, True), ("int8", -3, 0.0173, _SMALL_M, True),
+    ("int16", 7, 0.0173, _SMALL_M, True)])
+def test_proven_bounded_quantize_drops_its_clamp_without_changing_any_output(
+        dtype, zero_point, scale, multipliers, integer_rounding, monkeypatch):
     """Extreme int32 accumulators and half-step boundaries: the unclamped requantize equals the
-    clamped one and NumPy's float32 division, bit for bit."""
+    clamped one and NumPy's float32 division, bit for bit, whichever way it rounds."""
     from tvm import relax
 
     from apq.kernels import requantize_bounds
@@ -155,9 +165,11 @@ def test_proven_bounded_quantize_drops_its_clamp_without_changing_any_output(dty
     from apq.targets.registry import get_target
 
     target = tvm.target.Target(get_target("host").tvm_target)
-    m = np.array([1e-2, 3e-4, 0.0173 * 0.37, 1.0], np.float32)
+    m = np.array(multipliers, np.float32)
     mod = _accumulator_requantize_module(m, scale, zero_point, dtype)
-    assert drop_proven_clamps(mod)[1] == 1
+    rewritten, count = drop_proven_clamps(mod)
+    assert count == 1
+    assert ("llvm.lrint" in rewritten.script()) == integer_rounding  # the path under test was taken
     rng = np.random.default_rng(3)
     acc = rng.integers(-(1 << 31), (1 << 31) - 1, (len(m), 4096), dtype=np.int64).astype(np.int32)
     acc[:, :8] = [[-(1 << 31), (1 << 31) - 1, 0, 1, -1, 1 << 24, -(1 << 24), (1 << 24) + 1]] * len(m)
@@ -175,8 +187,39 @@ def test_proven_bounded_quantize_drops_its_clamp_without_changing_any_output(dty
     want = np.clip(np.rint(x / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
     assert np.array_equal(got["unclamped"], want)
     assert np.array_equal(got["unclamped"], got["clamped"])
-    # not vacuous: typical scales give many levels; the tiny one saturates both ways
+    # not vacuous: typical scales give many levels and saturate; the tiny one saturates both ways
     assert len(np.unique(want)) > 20 if scale > 1e-6 else set(np.unique(want)) == {info.min, info.max}
+    assert {info.min, info.max} <= set(np.unique(want))
+
+
+@pytest.mark.parametrize("dtype,zero_point", [("uint8", 128), ("int8", -3), ("uint16", 0), ("int16", 5)])
+def test_integer_rounding_equals_rint_then_saturate(dtype, zero_point):
+    """round_saturate (llvm.lrint + integer clip) == NumPy's rint + zero point + clip for half
+    integers (ties to even), their float neighbours and quotients up to its 2^30 limit."""
+    from tvm import te
+
+    from apq.kernels.requantize import INTEGER_ROUNDING_LIMIT, round_saturate
+    from apq.targets.registry import get_target
+
+    rng = np.random.default_rng(11)
+    half = (rng.integers(-70000, 70000, 4096) + 0.5).astype(np.float32)
+    edge = np.float32(INTEGER_ROUNDING_LIMIT)
+    q = np.concatenate([half, np.nextafter(half, np.float32(np.inf)), np.nextafter(half, np.float32(-np.inf)),
+                        rng.uniform(-300, 300, 4096).astype(np.float32),
+                        [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.0, -0.0, np.nextafter(edge, np.float32(0)),
+                         -np.nextafter(edge, np.float32(0)), 2.0 ** 24 + 2, -(2.0 ** 24) - 2]]).astype(np.float32)
+    x = te.placeholder(q.shape, "float32", name="x")
+    out = te.compute(q.shape, lambda i: round_saturate(x[i], zero_point, dtype), name="q")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("q"))[0], [None, 16])
+    sch.vectorize(inner)
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(get_target("host").tvm_target))
+    got = tvm.runtime.tensor(np.zeros(q.shape, dtype))
+    lib(tvm.runtime.tensor(q), got)
+    info = np.iinfo(dtype)
+    want = np.clip(np.rint(q.astype(np.float64)) + zero_point, info.min, info.max).astype(dtype)
+    assert np.array_equal(got.numpy(), want)
+    assert len(np.unique(want)) > 200 and {info.min, info.max} <= set(np.unique(want))
 
 
 def test_quantize_of_an_unbounded_float_keeps_its_clamp(mbv2_qdq):
