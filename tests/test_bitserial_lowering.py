@@ -319,6 +319,37 @@ def test_layout_pass_sinks_permutes_and_is_exact(depthwise: bool) -> None:
         np.testing.assert_array_equal(g, w)
 
 
+def test_global_pooling_stays_nhwc_and_is_exact() -> None:
+    """mean/sum/max over H, W with keepdims run on the NHWC form (only a (1, 1, 1, C) result is
+    transposed back); a channel reduction and a keepdims=False mean are left in NCHW."""
+    rng = np.random.default_rng(5)
+    c = 24
+    y = relax.Var("y", relax.TensorType((1, 7, 7, c), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [y]):
+        with bb.dataflow():
+            v = bb.emit(relax.op.permute_dims(y, list(TO_NCHW)))  # an NHWC kernel's output
+            pooled = [bb.emit(relax.op.mean(v, axis=[2, 3], keepdims=True)),
+                      bb.emit(relax.op.sum(v, axis=[-1, -2], keepdims=True)),
+                      bb.emit(relax.op.max(v, axis=[2, 3], keepdims=True))]
+            left = [bb.emit(relax.op.mean(v, axis=[1], keepdims=True)),
+                    bb.emit(relax.op.mean(v, axis=[2, 3], keepdims=False))]
+            gv = bb.emit_output(relax.Tuple(pooled + left))
+        bb.emit_func_output(gv)
+    mod = bb.get()
+    new, stats = sink_nhwc_permutes(mod)
+    assert stats.converted == {"relax.mean": 1, "relax.sum": 1, "relax.max": 1}
+    nhwc_reductions = [cl for op in ("relax.mean", "relax.sum", "relax.max") for cl in _calls(new, op)
+                       if tuple(int(a) for a in cl.attrs.axis) == (1, 2)]
+    assert len(nhwc_reductions) == 3
+    full_size = [p for p in _calls(new, "relax.permute_dims") if p.args[0].ty.shape[1] == 7]
+    assert len(full_size) == 1  # the untouched NCHW reductions still need their input once
+    x = [rng.standard_normal((1, 7, 7, c)).astype(np.float32) * 3]
+    for want, got in zip(_run(mod, x), _run(new, x)):
+        assert want.shape == got.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_mixed_model_bitserial_run_has_permutes_only_at_its_edges(mixed_onnx: Path) -> None:
     from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
     from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint

@@ -18,6 +18,10 @@ What this pass does (one forward walk over the bindings of a function, in progra
   of its own; the NCHW result becomes ``permute_dims(nhwc, [0, 3, 1, 2])``, which dead-code
   elimination removes unless an NCHW consumer (an int8 conv, a pooling) still needs it, so the
   transpose is materialised once, where the NHWC run ends, fused into the epilogue before it;
+- a global pooling (``mean``/``sum``/``max``/``min`` over H and W, ``keepdims``) of a var with
+  an NHWC form reduces NHWC axes 1 and 2, so the run ends after the pooling with a transpose of a
+  (1, 1, 1, C) tensor instead of the whole last feature map (0.05 ms of a 1.9 ms int8
+  MobileNetV2 at 224 px, 1 thread);
 - ``permute_dims(v, [0, 2, 3, 1])`` of a var with an NHWC form is that form: the pair cancels;
 - optionally (``depthwise=True``) an int8 depthwise ``conv2d`` whose input has an NHWC form runs
   as ``conv2d(data_layout="NHWC", kernel_layout="HWOI")`` so a whole inverted-residual block
@@ -238,8 +242,28 @@ def _unary_op(name: str) -> Callable[[_Ctx, Any, tuple[int, ...]], Any]:
     return _unary(make)
 
 
+def _spatial_reduce(name: str) -> Callable[[_Ctx, Any, tuple[int, ...]], Any]:
+    """``mean`` / ``sum`` / ``max`` / ``min`` over H and W with ``keepdims`` (global pooling) ->
+    the same reduction over NHWC axes 1 and 2: each channel reduces the same values in the same
+    (h, w) order, and the (1, 1, 1, C) result's transpose back to (1, C, 1, 1) is a relabelling.
+    Without it the NHWC run ends in a full transpose of the last feature map just before it."""
+
+    def convert(ctx: _Ctx, call: Any, out_shape: tuple[int, ...]) -> Any:
+        from tvm import relax
+
+        x = call.args[0]
+        axes = getattr(call.attrs, "axis", None)
+        if x not in ctx.nhwc or axes is None or not bool(call.attrs.keepdims):
+            return None
+        if sorted(int(a) % 4 for a in axes) != [2, 3]:
+            return None
+        return getattr(relax.op, name)(ctx.nhwc[x], axis=[1, 2], keepdims=True)
+
+    return convert
+
+
 #: Registry: Relax op name -> NHWC converter. Every entry must be layout-free arithmetic (or, for
-#: conv2d, an exact relayout); a new elementwise op is one line.
+#: conv2d and the spatial reductions, an exact relayout); a new elementwise op is one line.
 CONVERTERS: dict[str, Callable[[_Ctx, Any, tuple[int, ...]], Any]] = {
     **{f"relax.{n}": _binary(n) for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum")},
     **{f"relax.{n}": _unary_op(n) for n in ("round", "floor", "negative", "abs", "nn.relu")},
@@ -248,6 +272,7 @@ CONVERTERS: dict[str, Callable[[_Ctx, Any, tuple[int, ...]], Any]] = {
     "relax.quantize": _quantize_like("quantize"),
     "relax.dequantize": _quantize_like("dequantize"),
     "relax.call_tir": _clip_call_tir,
+    **{f"relax.{n}": _spatial_reduce(n) for n in ("mean", "sum", "max", "min")},
 }
 #: Converters enabled only by ``depthwise=True`` (they change which kernel schedule applies).
 DEPTHWISE_CONVERTERS = {"relax.nn.conv2d": _depthwise_conv}
