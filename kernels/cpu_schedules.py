@@ -955,7 +955,8 @@ class Conv2dNHWCRule(_LazyRule):
 
 
 class Int8PointwiseNHWCRule(_LazyRule):
-    """Packed-weight int8 pointwise NHWC conv on VNNI (kernels/x86_int8_nhwc.py)."""
+    """Packed-weight int8 pointwise NHWC conv on VNNI, and the patch gather that feeds a
+    few-channel stem to it (kernels/x86_int8_nhwc.py)."""
 
     name = "int8-pointwise-nhwc"
 
@@ -964,6 +965,9 @@ class Int8PointwiseNHWCRule(_LazyRule):
             return False
         from apq.kernels import x86_int8_nhwc
 
+        gather = x86_int8_nhwc.find_block(sch, x86_int8_nhwc.IM2COL_BLOCK)
+        if gather is not None and len(_blocks(sch)) == 1:
+            return x86_int8_nhwc.schedule_im2col(sch, gather, cfg)
         conv = x86_int8_nhwc.find_packed_pointwise(sch)
         return conv is not None and x86_int8_nhwc.schedule_packed_pointwise(sch, func, conv, cfg)
 

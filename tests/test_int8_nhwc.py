@@ -134,6 +134,11 @@ def test_int8_nhwc_build_is_bit_identical_to_nchw_and_matches_onnxruntime(mbv2_q
         impls = {layer["impl"] for layer in res.manifest["layers"]
                  if layer["geometry"]["op"] == "conv" and layer["geometry"]["kernel"] == 1}
         assert impls == {"avx512-vnni"}, impls
+        stems = [layer for layer in res.manifest["layers"]
+                 if layer["geometry"]["op"] == "conv" and layer["geometry"]["in_ch"] <= 4]
+        assert len(stems) == 1 and stems[0]["geometry"]["kernel"] == 3
+        # NHWC: the RGB stem runs as patch gather + packed pointwise conv (im2col_few_channel_convs)
+        assert stems[0]["impl"] == ("avx512-vnni" if layout == "NHWC" else "int-fp32acc"), stems[0]
         rng = np.random.default_rng(1)
         inputs = [rng.standard_normal(s.shape).astype(s.dtype) * 2 for s in art.input_specs]
         outs[layout] = run_artifact(art, inputs)
@@ -147,3 +152,73 @@ def test_unknown_int8_layout_is_a_clear_error():
 
     with pytest.raises(InvalidInputError, match="int8 layout"):
         CompileOptions(int8_layout="NCHWc")
+
+
+def _few_channel_conv_module(w: np.ndarray, stride: int, padding: int, out_dtype: str, size: int = 17):
+    """A lowered int8 stem in NHWC: ``u8 x s8`` conv, float accumulation written as
+    ``astype(conv_f32, int32)`` (qdq_lowering's exact path) or an int32 conv."""
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((1, size, size, w.shape[2]), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=padding, data_layout="NHWC",
+                                              kernel_layout="HWIO", out_layout="NHWC", out_dtype=out_dtype))
+            acc = bb.emit(relax.op.astype(conv, "int32")) if out_dtype == "float32" else conv
+            out = bb.emit_output(relax.op.subtract(acc, relax.const(np.int32(7))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _numpy_conv_nhwc(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    kh, kw, _, oc = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    out = np.zeros((1, oh, ow, oc), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            patch = xp[:, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride, :]
+            out += patch @ w[ky, kx].astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("ic,oc,kernel,stride,padding,out_dtype", [
+    (3, 32, 3, 2, 1, "float32"),  # the RGB stem (float accumulation), padded inside the conv
+    (1, 16, 3, 1, 1, "float32"),  # the Fashion-MNIST stem
+    (3, 24, 3, 2, 0, "int32"),  # an int32 conv on a pre-padded input, 8-lane output
+    (4, 16, 5, 2, 2, "int32"),  # 5x5: 100 taps, already whole groups
+])
+def test_few_channel_conv_becomes_patch_gather_plus_packed_pointwise_exactly(ic, oc, kernel, stride, padding,
+                                                                               out_dtype):
+    from tvm import relax
+
+    from apq.kernels.pipeline import compile_relax
+    from apq.targets.registry import get_target
+    from apq.toolchain.int8_layout import im2col_few_channel_convs, pack_pointwise_convs
+
+    rng = np.random.default_rng(ic * 100 + kernel)
+    w = rng.integers(-128, 128, (kernel, kernel, ic, oc)).astype(np.int8)
+    mod = _few_channel_conv_module(w, stride, padding, out_dtype)
+    gathered, count = im2col_few_channel_convs(mod)
+    assert count == 1
+    gathered = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(gathered))
+    gathered, packed = pack_pointwise_convs(gathered)
+    counts = _op_counts(gathered)
+    assert packed == 1 and "relax.nn.conv2d" not in counts and "relax.astype" not in counts  # f32 round trip gone
+    x = rng.integers(0, 256, (1, 17, 17, ic)).astype(np.uint8)
+    x[0, :3, :3] = 255  # extreme corner values next to the padding
+    target = get_target("host").tvm()
+    outs = [relax.VirtualMachine(compile_relax(m, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+            for m in (mod, gathered)]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[1], _numpy_conv_nhwc(x, w, stride, padding) - 7)
+
+
+def test_wide_or_pointwise_convs_are_not_gathered():
+    from apq.toolchain.int8_layout import im2col_few_channel_convs
+
+    rng = np.random.default_rng(0)
+    for shape in ((3, 3, 8, 16), (1, 1, 3, 16), (3, 3, 3, 10)):  # 8 channels; 1x1; 10 output channels
+        w = rng.integers(-128, 128, shape).astype(np.int8)
+        assert im2col_few_channel_convs(_few_channel_conv_module(w, 1, 0, "int32"))[1] == 0
