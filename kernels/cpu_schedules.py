@@ -955,8 +955,7 @@ class Conv2dNHWCRule(_LazyRule):
 
 
 class Int8PointwiseNHWCRule(_LazyRule):
-    """Packed-weight int8 pointwise NHWC conv on VNNI, and the patch gather that feeds a
-    few-channel stem to it (kernels/x86_int8_nhwc.py)."""
+    """Packed-weight int8 pointwise NHWC conv on VNNI (kernels/x86_int8_nhwc.py)."""
 
     name = "int8-pointwise-nhwc"
 
@@ -965,17 +964,27 @@ class Int8PointwiseNHWCRule(_LazyRule):
             return False
         from apq.kernels import x86_int8_nhwc
 
-        gather = x86_int8_nhwc.find_block(sch, x86_int8_nhwc.IM2COL_BLOCK)
-        if gather is not None and len(_blocks(sch)) == 1:
-            return x86_int8_nhwc.schedule_im2col(sch, gather, cfg)
         conv = x86_int8_nhwc.find_packed_pointwise(sch)
         return conv is not None and x86_int8_nhwc.schedule_packed_pointwise(sch, func, conv, cfg)
+
+
+class Im2colRule(_LazyRule):
+    """The patch gather of a few-channel stem (kernels/im2col.py), alone in its PrimFunc."""
+
+    name = "im2col"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        from apq.kernels.im2col import find_im2col, schedule_im2col
+
+        gather = find_im2col(sch)
+        return gather is not None and schedule_im2col(sch, gather, cfg)
 
 
 #: The rule registry, tried in order; the first rule that returns a schedule wins. The packed
 #: int8 rule declines all but its own compute block; the NHWC rule declines every conv that is
 #: not NHWC/HWIO with a float32 output, the NCHW rule every NHWC one.
 RULES: dict[str, type[_LazyRule]] = {
+    Im2colRule.name: Im2colRule,
     Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,
     Conv2dNHWCRule.name: Conv2dNHWCRule,
     Conv2dNCHWRule.name: Conv2dNCHWRule,

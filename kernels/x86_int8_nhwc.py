@@ -68,81 +68,6 @@ def pointwise_packed_compute(data: Any, packed_weight: Any) -> Any:
     )
 
 
-#: TE compute name of the patch gather that turns a few-channel KxK conv into a packed pointwise one.
-IM2COL_BLOCK = "apq_im2col_u8_nhwc"
-
-
-def im2col_depth(kh: int, kw: int, in_channels: int) -> int:
-    """Patch length ``kh * kw * in_channels`` rounded up to whole ``vpdpbusd`` groups of 4."""
-    return -(-kh * kw * in_channels // K_GROUP) * K_GROUP
-
-
-def im2col_weight(weight_hwio: np.ndarray) -> np.ndarray:
-    """``(KH, KW, IC, OC)`` -> ``(1, 1, depth, OC)``: the patch order of :func:`im2col_compute`
-    (``ky``, ``kx``, ``c``), zero rows for the padding to whole groups (their products vanish)."""
-    kh, kw, ic, oc = weight_hwio.shape
-    flat = weight_hwio.reshape(kh * kw * ic, oc)
-    padded = np.zeros((im2col_depth(kh, kw, ic), oc), weight_hwio.dtype)
-    padded[: flat.shape[0]] = flat
-    return padded.reshape(1, 1, -1, oc)
-
-
-def im2col_compute(kh: int, kw: int, strides: tuple[int, int], dilation: tuple[int, int],
-                   padding: tuple[int, int, int, int], pad_value: int) -> Any:
-    """TE: ``cols[n, y, x, (ky * kw + kx) * C + c] = data[n, y*sy + ky*dy - top, x*sx + kx*dx - left, c]``
-    (``pad_value`` outside the image, 0 in the group padding past ``kh * kw * C``).
-
-    Why: a conv with fewer input channels than a ``vpdpbusd`` group wants (an RGB stem: 3) runs
-    on the float channel-vector schedule, one broadcast FMA per tap and output vector; gathered
-    into patches it is a pointwise conv over ``kh * kw * C`` channels, 4 taps per ``vpdpbusd``.
-    """
-    from tvm import te, tirx
-
-    (sy, sx), (dy, dx) = strides, dilation
-    top, left, bottom, right = padding
-
-    def compute(data: Any) -> Any:
-        n, h, w, c = (int(v) for v in data.shape)
-        oh = (h + top + bottom - (kh - 1) * dy - 1) // sy + 1
-        ow = (w + left + right - (kw - 1) * dx - 1) // sx + 1
-        taps = kh * kw * c
-
-        def element(b: Any, y: Any, x: Any, k: Any) -> Any:
-            kk = te.min(k, taps - 1)  # the group padding reads a valid address, then is masked
-            tap, ch = kk // c, kk % c
-            iy, ix = y * sy + (tap // kw) * dy - top, x * sx + (tap % kw) * dx - left
-            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-            value = data[b, te.max(te.min(iy, h - 1), 0), te.max(te.min(ix, w - 1), 0), ch]
-            pad = tirx.const(pad_value, data.dtype)
-            return tirx.Select(k < taps, tirx.Select(inside, value, pad), tirx.const(0, data.dtype))
-
-        return te.compute((n, oh, ow, im2col_depth(kh, kw, c)), element, name=IM2COL_BLOCK)
-
-    return compute
-
-
-def schedule_im2col(sch: Any, block: Any, cfg: Any) -> bool:
-    """One output pixel's patch per iteration, fully unrolled: the bounds checks fold to
-    constants per tap and each kernel row's ``kw * C`` contiguous bytes become a few wide moves
-    (a generic vectorized schedule gathered byte by byte: 0.25 ms for the 224 px RGB stem)."""
-    from apq.kernels.cpu_schedules import _block_iterations
-
-    n, y, x, k = sch.get_loops(block)
-    outer = sch.fuse(n, y)
-    if cfg.num_cores > 1 and _block_iterations(sch, block) >= cfg.min_parallel_work:
-        sch.parallel(outer)
-    sch.unroll(k)
-    return True
-
-
-def find_block(sch: Any, name: str) -> Any | None:
-    """The one block called ``name`` in a (fused) PrimFunc, else None."""
-    from apq.kernels.cpu_schedules import _blocks
-
-    found = [b for b in _blocks(sch) if sch.get(b).name_hint == name]
-    return found[0] if len(found) == 1 else None
-
-
 def _intrin_funcs(lanes: int) -> tuple[Any, Any]:
     """(desc, impl) of ``C[l] += sum_k A[k] * B[l, k]`` for ``lanes`` output channels (one vpdpbusd)."""
     from tvm.script import tirx as T
@@ -192,7 +117,10 @@ def register_intrinsic(lanes: int) -> str:
 
 def find_packed_pointwise(sch: Any) -> Any | None:
     """The packed pointwise conv block of a (fused) PrimFunc, if it has one."""
-    return find_block(sch, PACKED_POINTWISE_BLOCK)
+    from apq.kernels.cpu_schedules import _blocks
+
+    found = [b for b in _blocks(sch) if sch.get(b).name_hint == PACKED_POINTWISE_BLOCK]
+    return found[0] if len(found) == 1 else None
 
 
 def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
@@ -223,5 +151,5 @@ def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
     return True
 
 
-__all__ = ["IM2COL_BLOCK", "K_GROUP", "PACKED_POINTWISE_BLOCK", "im2col_compute", "im2col_depth", "im2col_weight", "find_packed_pointwise", "lanes_for", "pack_pointwise_weight",
-           "pointwise_packed_compute", "register_intrinsic", "schedule_im2col", "schedule_packed_pointwise", "find_block"]
+__all__ = ["K_GROUP", "PACKED_POINTWISE_BLOCK", "find_packed_pointwise", "lanes_for", "pack_pointwise_weight",
+           "pointwise_packed_compute", "register_intrinsic", "schedule_packed_pointwise"]

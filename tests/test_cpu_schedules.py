@@ -118,6 +118,9 @@ def test_every_conv_and_matmul_gets_its_rule(mbv2_float, mbv2_qdq):
         assert len(convs) >= 15, chosen
         assert set(convs.values()) == rules, convs
         assert [v for k, v in chosen.items() if "matmul" in k] == ["matmul"]
+        # the RGB stem's patch gather (toolchain/patch_gather.py): on every NHWC path
+        gathers = [v for k, v in chosen.items() if k.startswith("im2col")]
+        assert gathers == ([] if options.get("int8_layout") == "NCHW" else ["im2col"]), chosen
 
 
 def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):

@@ -24,7 +24,7 @@ from apq.toolchain.artifact import LIBRARY, write_artifact
 from apq.toolchain.bitserial_lowering import BitserialPolicy, lower_bitserial, name_bitserial_layers, supports_target
 from apq.kernels.pipeline import supports as cpu_pipeline_supports
 from apq.toolchain.errors import ApqError, InvalidInputError
-from apq.toolchain.float_layout import FLOAT_LAYOUTS, convert_convs, has_integer_conv
+from apq.toolchain.float_layout import FLOAT_LAYOUTS, float_model_to_nhwc, has_integer_conv
 from apq.toolchain.int8_layout import INT8_LAYOUTS, int8_to_nhwc
 from apq.toolchain.kernel_impl import KernelCall, attach_impls
 from apq.toolchain.onnx_import import (
@@ -143,7 +143,7 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         if vnni and options.int8_layout == "NHWC":
             mod = int8_to_nhwc(mod)  # toolchain/int8_layout.py
     elif options.float_layout == "NHWC" and cpu_pipeline_supports(target.tvm()):
-        mod = convert_convs(mod)  # float_layout.to_nhwc without its second has_integer_conv walk
+        mod = float_model_to_nhwc(mod)  # float_layout.to_nhwc without its second has_integer_conv walk
     return mod, layers
 
 

@@ -12,8 +12,9 @@ channels are in the lanes:
 2. The integer KxK convs that accumulate in float (depthwise: see qdq_lowering) write
    float32 and are scheduled by the float NHWC channel-vector rule.
 3. A KxK conv with at most 4 input channels (the RGB stem) becomes a patch gather
-   (``im2col``) + a pointwise conv over ``kh * kw * C`` channels (:func:`im2col_few_channel_convs`):
-   224 px MobileNetV2's stem went from 0.39 ms on the float schedule to 0.12 ms + the gather.
+   (``im2col``, read from the NCHW output of the input's quantize + pad) + a pointwise conv over
+   ``kh * kw * C`` channels (:func:`im2col_few_channel_convs`): 224 px MobileNetV2's stem went
+   from 0.39 ms on the float schedule to 0.12 ms + the gather.
 4. Each ``u8 x s8 -> i32`` pointwise conv becomes a ``call_tir`` of
    :func:`apq.kernels.x86_int8_nhwc.pointwise_packed_compute` with its weight packed once here
    to ``[IC/4, OC, 4]`` (the operand layout of ``vpdpbusd`` with output channels in the lanes).
@@ -81,93 +82,16 @@ def pack_pointwise_convs(mod: Any) -> tuple[Any, int]:
     return packer.builder_.get(), count
 
 
-#: KxK int8 convs with at most this many input channels (an RGB or grey stem) are gathered into
-#: patches and run as packed pointwise convs (:func:`im2col_few_channel_convs`)
-IM2COL_MAX_CHANNELS = 4
-#: TIR op pattern "opaque": the patch gather stays its own kernel instead of being fused into the
-#: quantize/pad/transpose before it, where its reads from the float NCHW input would be gathers
-_OPAQUE = 8
-
-
-def _few_channel_conv(call: Any) -> Any | None:
-    """The HWIO weight of an NHWC ``u8 x s8`` KxK ungrouped conv with few input channels, else None."""
-    from apq.kernels.x86_int8_nhwc import lanes_for
-
-    attrs = call.attrs
-    if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO" or int(attrs.groups) != 1:
-        return None
-    if str(attrs.out_dtype) not in ("int32", "float32") or str(attrs.out_layout) != "NHWC":
-        return None
-    data, weight = call.args
-    value = getattr(weight, "value", None)
-    if str(getattr(data.ty, "dtype", "")) != "uint8" or not hasattr(value, "numpy"):
-        return None
-    w = value.numpy()
-    kh, kw, ic, oc = w.shape
-    if w.dtype.name != "int8" or kh * kw == 1 or ic > IM2COL_MAX_CHANNELS or lanes_for(oc) is None:
-        return None
-    return w
-
-
 def im2col_few_channel_convs(mod: Any) -> tuple[Any, int]:
-    """Rewrite few-input-channel KxK int8 convs as patch gather + pointwise conv; (mod, count).
+    """Few-input-channel KxK int8 convs (the RGB stem) -> patch gather + ``u8 x s8`` pointwise
+    conv over ``kh * kw * C`` channels rounded up to whole ``vpdpbusd`` groups
+    (toolchain/patch_gather.py); :func:`pack_pointwise_convs` then packs it. Returns (mod, count)."""
+    from apq.kernels.x86_int8_nhwc import K_GROUP, lanes_for
+    from apq.toolchain.patch_gather import GatherPolicy, gather_few_channel_convs
 
-    Why: such a conv (the stem: 3 channels, 3x3, stride 2) runs on the float channel-vector
-    schedule at about 30% of the FMA ports' peak and was the largest int8 kernel of MobileNetV2
-    at 224 px. As ``conv2d(im2col(x), W')`` (kernels/x86_int8_nhwc.py: :func:`im2col_compute`,
-    :func:`im2col_weight`) it is a pointwise conv over ``kh * kw * C`` (rounded up to 4)
-    channels, which :func:`pack_pointwise_convs` then runs on ``vpdpbusd``. Exact: the same
-    integer products and sums (the padding rows multiply zero weights). A float-accumulating conv
-    (qdq_lowering's exact ``int-fp32acc`` path: ``astype(conv_f32, int32)``) becomes the int32
-    conv directly.
-    """
-    from tvm import relax
-
-    from apq.kernels.x86_int8_nhwc import im2col_compute, im2col_weight
-
-    count = 0
-
-    @relax.expr_functor.mutator
-    class _Gatherer(relax.PyExprMutator):
-        widened: list[Any] = []  # the astype(int32 conv, float32) calls made here
-
-        def _widened_int32(self, expr: Any) -> Any | None:
-            """The int32 conv behind ``expr`` when it is one of our float32 widenings."""
-            while isinstance(expr, relax.Var) and (bound := self.lookup_binding(expr)) is not None:
-                if any(bound.same_as(w) for w in self.widened):
-                    return bound.args[0]
-                expr = bound
-            return None
-
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
-            nonlocal count
-            call = super().visit_call_(call)
-            name = getattr(call.op, "name", "")
-            if name == "relax.astype" and str(call.attrs.dtype) == "int32":
-                narrowed = self._widened_int32(call.args[0])
-                if narrowed is not None:
-                    return narrowed  # int32 -> float32 -> int32: the int32 itself
-            if name != "relax.nn.conv2d" or (w := _few_channel_conv(call)) is None:
-                return call
-            count += 1
-            a = call.attrs
-            gather = im2col_compute(w.shape[0], w.shape[1], tuple(int(v) for v in a.strides),
-                                    tuple(int(v) for v in a.dilation), tuple(int(v) for v in a.padding), 0)
-            cols = self.builder_.call_te(gather, call.args[0], primfunc_name_hint="im2col_u8_nhwc",
-                                         primfunc_attrs={"op_pattern": _OPAQUE})
-            acc = relax.op.nn.conv2d(self.builder_.emit(cols), relax.const(im2col_weight(w)), data_layout="NHWC",
-                                     kernel_layout="HWIO", out_layout="NHWC", out_dtype="int32")
-            if str(a.out_dtype) == "int32":
-                return acc
-            widened = relax.op.astype(self.builder_.emit(acc), "float32")
-            self.widened.append(widened)
-            return widened
-
-    gatherer = _Gatherer(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            gatherer.builder_.update_func(gvar, gatherer.visit_expr(func))
-    return gatherer.builder_.get(), count
+    policy = GatherPolicy(data_dtype="uint8", weight_dtype="int8", depth_multiple=K_GROUP,
+                          out_channels_ok=lambda oc: lanes_for(oc) is not None)
+    return gather_few_channel_convs(mod, policy)
 
 
 def int8_to_nhwc(mod: Any) -> Any:
@@ -185,4 +109,4 @@ def int8_to_nhwc(mod: Any) -> Any:
     return mod
 
 
-__all__ = ["IM2COL_MAX_CHANNELS", "INT8_LAYOUTS", "im2col_few_channel_convs", "int8_to_nhwc", "pack_pointwise_convs"]
+__all__ = ["INT8_LAYOUTS", "im2col_few_channel_convs", "int8_to_nhwc", "pack_pointwise_convs"]
