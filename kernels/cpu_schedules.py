@@ -357,6 +357,19 @@ def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> 
     reduce = [lp for lp, k in zip(loops, kinds) if k != "S"]
     if not spatial:
         return
+    lanes = cfg.lanes(_dtype_bits(sch, block))
+    inner = _int_extent(sch, spatial[-1])
+    if len(spatial) > 1 and inner and inner % lanes == 0 and _reads_contiguous_along_last_spatial(sch, block):
+        # a channels-last reduction (NHWC global pooling): reduce whole channel vectors, the
+        # reduction loops outside the contiguous spatial loop (same per-element summation order)
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        outer = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        _, vec = sch.split(spatial[-1], [None, lanes])
+        sch.vectorize(vec)  # before decomposing: the vector loop must hold a whole reduction block
+        init = sch.decompose_reduction(block, reduce[0])
+        _, init_vec = sch.split(sch.get_loops(init)[-1], [None, lanes])
+        sch.vectorize(init_vec)
+        return
     sch.reorder(*spatial, *reduce)
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     total = _int_extent(sch, fused)
@@ -365,6 +378,16 @@ def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> 
         red *= _int_extent(sch, lp) or 1
     if total and cfg.num_cores > 1 and total > 1 and total * red >= cfg.min_parallel_work:
         sch.parallel(fused)
+
+
+def _reads_contiguous_along_last_spatial(sch: Any, block: Any) -> bool:
+    """Does every buffer the block reads (besides its output) have the last spatial iter var,
+    alone, as its last index? Then that loop walks memory contiguously."""
+    b = sch.get(block)
+    last = [iv.var for iv in b.iter_vars if int(iv.iter_type) == 0][-1]
+    out = b.writes[0].source
+    reads = [r for r in b.reads if not r.source.same_as(out)]
+    return bool(reads) and all(r.region[-1].min.same_as(last) and int(r.region[-1].extent) == 1 for r in reads)
 
 
 # --------------------------------------------------------------------------- rules

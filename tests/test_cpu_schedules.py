@@ -467,3 +467,30 @@ def test_few_channel_transpose_vectorizes_the_input_row_and_matches_unscheduled(
     rng = np.random.default_rng(0)
     img = (rng.standard_normal((1, 3, 32, 32)) * 2).astype(np.float32)
     _assert_schedule_keeps_outputs(mod, target, [img], exact=True)
+
+
+def test_channels_last_global_pool_reduces_whole_channel_vectors():
+    """NHWC mean over H, W (the int8 graph's global pooling since layout.py keeps it NHWC): the
+    reduction loops sit outside a vectorized channel loop; same sums as unscheduled."""
+    from tvm import relax
+
+    from apq.kernels.pipeline import schedule_pass
+    from apq.targets.registry import get_target
+
+    target = get_target("host").tvm()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 14, 14, 320], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.mean(x, axis=[1, 2], keepdims=True)))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    with target:
+        scheduled = schedule_pass()(_fused(mod, target))
+    (func,) = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    script = func.script()
+    lanes = 16 if "avx512f" in get_target("host").features else 8
+    update = script[script.index("for k"):]  # the reduction loops, then the channel vector loop inside
+    assert f"T.vectorized(T.int64({lanes}))" in update.split('T.sblock("')[0], script
+    img = np.random.default_rng(0).standard_normal((1, 14, 14, 320)).astype(np.float32)
+    _assert_schedule_keeps_outputs(mod, target, [img], exact=True)
