@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from apq.toolchain.layout import TO_NHWC
+
 #: TIR op pattern "opaque" (FuseOps leaves the gather alone)
 _OPAQUE = 8
-_TO_NHWC = (0, 2, 3, 1)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
         def _source(self, data: Any) -> tuple[Any, str]:
             bound = self._bound(data)
             if (bound is not None and getattr(bound.op, "name", "") == "relax.permute_dims"
-                    and tuple(int(a) for a in bound.attrs.axes) == _TO_NHWC):
+                    and tuple(int(a) for a in bound.attrs.axes) == TO_NHWC):
                 return bound.args[0], "NCHW"
             return data, "NHWC"
 
