@@ -91,8 +91,8 @@ def find_im2col(sch: Any) -> Any | None:
 def schedule_im2col(sch: Any, block: Any, cfg: Any) -> bool:
     """One output pixel's patch per iteration, fully unrolled: the bounds checks fold to
     constants per tap, and each kernel row's contiguous bytes become a few wide moves (the
-    generic vectorized schedule gathered byte by byte: 0.25 ms for the 224 px RGB stem, 0.1
-    unrolled)."""
+    generic vectorized schedule gathered byte by byte: 0.25 ms for the 224 px int8 RGB stem,
+    0.045 ms unrolled, per-layer profile, 1 thread)."""
     from apq.kernels.cpu_schedules import _block_iterations
 
     n, y, x, k = sch.get_loops(block)
