@@ -222,3 +222,38 @@ def test_wide_or_pointwise_convs_are_not_gathered():
     for shape in ((3, 3, 8, 16), (1, 1, 3, 16), (3, 3, 3, 10)):  # 8 channels; 1x1; 10 output channels
         w = rng.integers(-128, 128, shape).astype(np.int8)
         assert im2col_few_channel_convs(_few_channel_conv_module(w, 1, 0, "int32"))[1] == 0
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 320, 1000), (3, 64, 24)])  # batch-1 classifier (8 lanes); 3 rows, 8 lanes
+def test_int8_matmul_becomes_the_packed_pointwise_kernel_exactly(m, k, n):
+    from tvm import relax
+
+    from apq.kernels.pipeline import compile_relax
+    from apq.targets.registry import get_target
+    from apq.toolchain.int8_layout import pack_matmuls
+
+    rng = np.random.default_rng(m + n)
+    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    x = relax.Var("x", relax.TensorType((m, k), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    packed, count = pack_matmuls(mod)
+    assert count == 1 and "relax.matmul" not in _op_counts(packed)
+    xs = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    xs[0] = 255  # the largest products
+    target = get_target("host").tvm()
+    got = relax.VirtualMachine(compile_relax(packed, target), tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()
+    np.testing.assert_array_equal(got, xs.astype(np.int64) @ w.astype(np.int64))
+    wide = rng.integers(-128, 128, (k, 10)).astype(np.int8)  # 10 outputs: no vpdpbusd lane count
+    assert pack_matmuls(tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")}))[1] == 1
+    x2 = relax.Var("x", relax.TensorType((m, k), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x2]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x2, relax.const(wide), out_dtype="int32"))
+        bb.emit_func_output(out)
+    assert pack_matmuls(bb.get())[1] == 0
