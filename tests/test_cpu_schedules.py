@@ -44,6 +44,16 @@ def _run(mod, target, inputs, schedule: bool) -> np.ndarray:
     return (out if hasattr(out, "numpy") else out[0]).numpy()
 
 
+def _scheduled_single_primfunc(mod, target):
+    """The one PrimFunc of a one-kernel module, fused and scheduled by apq's rules."""
+    from apq.kernels.pipeline import schedule_pass
+
+    with target:
+        scheduled = schedule_pass()(_fused(mod, target))
+    (func,) = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func
+
+
 def _assert_schedule_keeps_outputs(mod, target, inputs, exact: bool, atol: float = 1e-5) -> None:
     """apq's schedules vs TVM's unscheduled build: integer outputs identical, float within 1e-5
     relative (``atol`` absolute)."""
@@ -460,12 +470,7 @@ def test_few_channel_transpose_vectorizes_the_input_row_and_matches_unscheduled(
             y = bb.emit_output(bb.emit(relax.op.permute_dims(q, [0, 2, 3, 1])))
         bb.emit_func_output(y)
     mod = bb.get()
-    from apq.kernels.pipeline import schedule_pass
-
-    with target:
-        scheduled = schedule_pass()(_fused(mod, target))
-    (func,) = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    script = func.script()
+    script = _scheduled_single_primfunc(mod, target).script()
     assert "T.vectorized(T.int64(16))" in script and "T.vectorized(T.int64(3))" not in script, script
     rng = np.random.default_rng(0)
     img = (rng.standard_normal((1, 3, 32, 32)) * 2).astype(np.float32)
@@ -477,7 +482,6 @@ def test_channels_last_global_pool_reduces_whole_channel_vectors():
     reduction loops sit outside a vectorized channel loop; same sums as unscheduled."""
     from tvm import relax
 
-    from apq.kernels.pipeline import schedule_pass
     from apq.targets.registry import get_target
 
     target = get_target("host").tvm()
@@ -488,10 +492,7 @@ def test_channels_last_global_pool_reduces_whole_channel_vectors():
             y = bb.emit_output(bb.emit(relax.op.mean(x, axis=[1, 2], keepdims=True)))
         bb.emit_func_output(y)
     mod = bb.get()
-    with target:
-        scheduled = schedule_pass()(_fused(mod, target))
-    (func,) = [f for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    script = func.script()
+    script = _scheduled_single_primfunc(mod, target).script()
     lanes = 16 if "avx512f" in get_target("host").features else 8
     update = script[script.index("for k"):]  # the reduction loops, then the channel vector loop inside
     assert f"T.vectorized(T.int64({lanes}))" in update.split('T.sblock("')[0], script

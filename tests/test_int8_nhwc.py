@@ -224,6 +224,19 @@ def test_wide_or_pointwise_convs_are_not_gathered():
         assert im2col_few_channel_convs(_few_channel_conv_module(w, 1, 0, "int32"))[1] == 0
 
 
+def _matmul_module(w: np.ndarray, rows: int):
+    """``matmul(x: (rows, K) u8, W: (K, N) s8) -> i32``, as qdq_lowering emits it."""
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((rows, w.shape[0]), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 320, 1000), (3, 64, 24)])  # batch-1 classifier (8 lanes); 3 rows, 8 lanes
 def test_int8_matmul_becomes_the_packed_pointwise_kernel_exactly(m, k, n):
     from tvm import relax
@@ -234,14 +247,7 @@ def test_int8_matmul_becomes_the_packed_pointwise_kernel_exactly(m, k, n):
 
     rng = np.random.default_rng(m + n)
     w = rng.integers(-128, 128, (k, n)).astype(np.int8)
-    x = relax.Var("x", relax.TensorType((m, k), "uint8"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    packed, count = pack_matmuls(mod)
+    packed, count = pack_matmuls(_matmul_module(w, m))
     assert count == 1 and "relax.matmul" not in _op_counts(packed)
     xs = rng.integers(0, 256, (m, k)).astype(np.uint8)
     xs[0] = 255  # the largest products
@@ -249,11 +255,4 @@ def test_int8_matmul_becomes_the_packed_pointwise_kernel_exactly(m, k, n):
     got = relax.VirtualMachine(compile_relax(packed, target), tvm.cpu())["main"](tvm.runtime.tensor(xs)).numpy()
     np.testing.assert_array_equal(got, xs.astype(np.int64) @ w.astype(np.int64))
     wide = rng.integers(-128, 128, (k, 10)).astype(np.int8)  # 10 outputs: no vpdpbusd lane count
-    assert pack_matmuls(tvm.IRModule({"main": mod["main"].with_attr("global_symbol", "main")}))[1] == 1
-    x2 = relax.Var("x", relax.TensorType((m, k), "uint8"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x2]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(x2, relax.const(wide), out_dtype="int32"))
-        bb.emit_func_output(out)
-    assert pack_matmuls(bb.get())[1] == 0
+    assert pack_matmuls(_matmul_module(wide, m))[1] == 0

@@ -61,18 +61,10 @@ def clip_calls_to_ops(mod: Any) -> Any:
     """Rewrite the importer's scalar maximum/minimum ``call_tir`` kernels into Relax ops."""
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
-            call = super().visit_call_(call)
-            op = _clip_kernel_op(mod, call)
-            return call if op is None else op
+    from apq.toolchain.layers import rewrite_calls
 
-    rewriter = _Rewriter(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    rewritten, _ = rewrite_calls(mod, "relax.call_tir", lambda _builder, call: _clip_kernel_op(mod, call))
+    return relax.transform.DeadCodeElimination()(rewritten)
 
 
 def has_integer_conv(mod: Any) -> bool:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from apq.toolchain.layers import const_value, rewrite_calls, static_shape, tensor_dtype
+
 #: CompileOptions.int8_layout values: NHWC converts lowered int8 graphs on VNNI CPUs, NCHW keeps them
 INT8_LAYOUTS = ("NHWC", "NCHW")
 
@@ -45,11 +47,10 @@ def _packable_pointwise(call: Any) -> Any | None:
     if str(attrs.out_dtype) != "int32" or [int(d) for d in attrs.dilation] != [1, 1]:
         return None
     data, weight = call.args
-    value = getattr(weight, "value", None)  # a constant (0.27: ir.expr.GenericConst.value)
-    if str(getattr(data.ty, "dtype", "")) != "uint8" or not hasattr(value, "numpy"):
+    w = const_value(weight)
+    if tensor_dtype(data) != "uint8" or w is None or w.dtype.name != "int8" or w.ndim != 4:
         return None
-    w = value.numpy()
-    if w.dtype.name != "int8" or w.shape[:2] != (1, 1) or w.shape[2] % K_GROUP or lanes_for(w.shape[3]) is None:
+    if w.shape[:2] != (1, 1) or w.shape[2] % K_GROUP or lanes_for(w.shape[3]) is None:
         return None
     return w
 
@@ -60,28 +61,14 @@ def pack_pointwise_convs(mod: Any) -> tuple[Any, int]:
 
     from apq.kernels.x86_int8_nhwc import pack_pointwise_weight, pointwise_packed_compute
 
-    count = 0
+    def pack(builder: Any, call: Any) -> Any | None:
+        w = _packable_pointwise(call)
+        if w is None:
+            return None
+        packed = relax.const(pack_pointwise_weight(w), "int8")
+        return builder.call_te(pointwise_packed_compute, call.args[0], packed, primfunc_name_hint="conv2d_u8s8_nhwc")
 
-    @relax.expr_functor.mutator
-    class _Packer(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
-            nonlocal count
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", "") != "relax.nn.conv2d":
-                return call
-            w = _packable_pointwise(call)
-            if w is None:
-                return call
-            count += 1
-            packed = relax.const(pack_pointwise_weight(w), "int8")
-            return self.builder_.call_te(pointwise_packed_compute, call.args[0], packed,
-                                         primfunc_name_hint="conv2d_u8s8_nhwc")
-
-    packer = _Packer(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            packer.builder_.update_func(gvar, packer.visit_expr(func))
-    return packer.builder_.get(), count
+    return rewrite_calls(mod, "relax.nn.conv2d", pack)
 
 
 def im2col_few_channel_convs(mod: Any) -> tuple[Any, int]:
@@ -108,36 +95,21 @@ def pack_matmuls(mod: Any) -> tuple[Any, int]:
 
     from apq.kernels.x86_int8_nhwc import K_GROUP, lanes_for, pack_pointwise_weight, pointwise_packed_compute
 
-    count = 0
+    def pack(builder: Any, call: Any) -> Any | None:
+        data, weight = call.args
+        shape, w = static_shape(data), const_value(weight)
+        if str(call.attrs.out_dtype) != "int32" or tensor_dtype(data) != "uint8" or shape is None or len(shape) != 2:
+            return None
+        if w is None or w.dtype.name != "int8" or w.ndim != 2 or w.shape[0] % K_GROUP or lanes_for(w.shape[1]) is None:
+            return None
+        (m, k), n = shape, w.shape[1]
+        image = builder.emit(relax.op.reshape(data, (1, 1, m, k)))
+        packed = relax.const(pack_pointwise_weight(w.reshape(1, 1, k, n)), "int8")
+        conv = builder.emit(builder.call_te(pointwise_packed_compute, image, packed,
+                                            primfunc_name_hint="matmul_u8s8_packed"))
+        return relax.op.reshape(conv, (m, n))
 
-    @relax.expr_functor.mutator
-    class _Packer(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
-            nonlocal count
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", "") != "relax.matmul" or str(call.attrs.out_dtype) != "int32":
-                return call
-            data, weight = call.args
-            value = getattr(weight, "value", None)
-            shape = [int(v) for v in getattr(data.ty, "shape", [])] if hasattr(data.ty, "shape") else []
-            if str(getattr(data.ty, "dtype", "")) != "uint8" or len(shape) != 2 or not hasattr(value, "numpy"):
-                return call
-            w = value.numpy()
-            if w.dtype.name != "int8" or w.ndim != 2 or w.shape[0] % K_GROUP or lanes_for(w.shape[1]) is None:
-                return call
-            count += 1
-            (m, k), n = shape, w.shape[1]
-            image = self.builder_.emit(relax.op.reshape(data, (1, 1, m, k)))
-            packed = relax.const(pack_pointwise_weight(w.reshape(1, 1, k, n)), "int8")
-            conv = self.builder_.emit(self.builder_.call_te(pointwise_packed_compute, image, packed,
-                                                            primfunc_name_hint="matmul_u8s8_packed"))
-            return relax.op.reshape(conv, (m, n))
-
-    packer = _Packer(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            packer.builder_.update_func(gvar, packer.visit_expr(func))
-    return packer.builder_.get(), count
+    return rewrite_calls(mod, "relax.matmul", pack)
 
 
 def int8_to_nhwc(mod: Any) -> Any:

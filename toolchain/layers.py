@@ -114,6 +114,34 @@ def const_value(expr: Any) -> np.ndarray | None:
     return None
 
 
+def rewrite_calls(mod: Any, op_name: str, rewrite: Callable[[Any, Any], Any]) -> tuple[Any, int]:
+    """Replace every call of ``op_name`` in the module's Relax functions by ``rewrite(builder,
+    call)`` (its arguments already rewritten), or keep it where that returns None; returns
+    (module, rewritten count). The one mutator loop of apq's call-for-call Relax rewrites."""
+    from tvm import relax
+
+    count = 0
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
+            nonlocal count
+            call = super().visit_call_(call)
+            if str(getattr(call.op, "name", "")) != op_name:
+                return call
+            new = rewrite(self.builder_, call)
+            if new is None:
+                return call
+            count += 1
+            return new
+
+    rewriter = _Rewriter(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get(), count
+
+
 def _bindings(func: Any) -> list[Any]:
     from tvm import relax
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from apq.toolchain.layers import const_value, tensor_dtype
 from apq.toolchain.layout import TO_NHWC
 
 #: TIR op pattern "opaque" (FuseOps leaves the gather alone)
@@ -48,11 +49,8 @@ def _candidate(call: Any, policy: GatherPolicy) -> Any | None:
     if str(attrs.out_layout) != "NHWC":
         return None
     data, weight = call.args
-    value = getattr(weight, "value", None)  # a constant (0.27: ir.expr.GenericConst.value)
-    if str(getattr(data.ty, "dtype", "")) != policy.data_dtype or not hasattr(value, "numpy"):
-        return None
-    w = value.numpy()
-    if w.ndim != 4 or w.dtype.name != policy.weight_dtype:
+    w = const_value(weight)
+    if tensor_dtype(data) != policy.data_dtype or w is None or w.ndim != 4 or w.dtype.name != policy.weight_dtype:
         return None
     kh, kw, ic, oc = w.shape
     if kh * kw == 1 or ic > policy.max_channels or not policy.out_channels_ok(oc):
