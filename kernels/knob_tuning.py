@@ -337,8 +337,12 @@ def _random_args(func: Any, seed: int) -> list[Any]:
 def _build(func: Any, target: Any) -> Any:
     import tvm
 
-    # the Executable's host module is an LLVM runtime module: runnable here, and it has time_evaluator
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).mod
+    from apq.kernels.stack_alloc import tir_pipeline
+
+    # the Executable's host module is an LLVM runtime module: runnable here, and it has time_evaluator;
+    # the TIR pipeline is the one the model build uses (kernels/pipeline.py), so the timed code is the same
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target,
+                       tir_pipeline=tir_pipeline()).mod
 
 
 def _outputs_match(ref: list[Any], got: list[Any]) -> bool:
@@ -510,11 +514,18 @@ def knob_tune_for_target(mod: Any, spec: Any, cfg: KnobTuneConfig | None = None,
 
 
 def _set_threads(threads: int) -> int:
-    """Set the TVM runtime's thread count; returns the previous one (to restore it)."""
+    """Set the TVM runtime's thread count; returns the previous one (to restore it).
+
+    Through :func:`apq.toolchain.profile.set_runtime_threads`: ``config_threadpool`` alone cannot
+    grow TVM's pool past its ``TVM_NUM_THREADS`` cap (1 on a 2-core x86 machine by default), so
+    ``threads=2`` silently timed 1 thread before.
+    """
     import tvm
 
+    from apq.toolchain.profile import set_runtime_threads
+
     prev = int(tvm.get_global_func("runtime.NumThreads")())
-    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+    set_runtime_threads(int(threads))
     return prev
 
 

@@ -93,12 +93,17 @@ def compile_relax(mod: Any, target: Any, schedule: bool = True, cfg: CpuSchedule
                   prepared: bool = False) -> Any:
     """``tvm.compile`` with apq's CPU pipeline (the one-line hook build_library calls).
 
-    ``database``: optional MetaSchedule tuning records applied before apq's rules. ``knobs``:
+    The TIR side is TVM's default pipeline plus :mod:`apq.kernels.stack_alloc` (register tiles on
+    the stack, not the heap) when apq schedules. ``database``: optional MetaSchedule tuning
+    records applied before apq's rules. ``knobs``:
     optional per-PrimFunc config overrides from ``kernels.knob_tuning.knob_tune``. ``prepared``:
     ``mod`` is already fused (``kernels.knob_tuning.fused_module``).
     """
     import tvm
 
+    from apq.kernels.stack_alloc import tir_pipeline
+
     if not supports(target):
         return tvm.compile(mod, target)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule, database, knobs, prepared))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, cfg, schedule, database, knobs, prepared),
+                       tir_pipeline=tir_pipeline() if schedule else "default")
