@@ -52,6 +52,28 @@ _REGISTER_TILE_BY_FEATURE: tuple[tuple[str, int, int], ...] = (
     ("avx512f", 24, 16),
 )
 
+#: What one scalar iteration of a loop nest costs, in float multiply-adds of a register-tiled
+#: conv, by kind of kernel: the parallel decision (:func:`worth_parallel`) compares
+#: ``iterations * weight`` with ``CpuScheduleConfig.min_parallel_work``, so it is a decision on
+#: estimated time, not on raw iteration counts (a gathered element costs ~16 multiply-adds, a
+#: VNNI multiply-add half of one). Read off per-kernel serial vs parallel timings of MobileNetV2
+#: at 32 and 224 px, 1 and 2 threads (float and int8): a parallel region pays off from about
+#: 3 us of serial work on this 2-core Xeon, and ~3 us is 2^17..2^18 float multiply-adds.
+PARALLEL_WORK_WEIGHT: dict[str, float] = {
+    "mac": 1.0,             # float (or float-accumulated int8) conv / matmul multiply-add
+    "depthwise_mac": 2.0,   # depthwise: one load per FMA, about half the pointwise throughput
+    "int8_dot_mac": 0.5,    # 4-way int8 dot product (vpdpbusd / sdot) multiply-add
+    "element": 1.0,         # elementwise / copy / reduction element
+    "gather_element": 16.0,  # im2col patch element (unrolled scalar gather)
+}
+
+
+def worth_parallel(cfg: "CpuScheduleConfig", iterations: int, kind: str = "mac") -> bool:
+    """Whether a loop nest of ``iterations`` of ``kind`` (:data:`PARALLEL_WORK_WEIGHT`) gets a
+    parallel region: only on multi-core targets, and only when its estimated work reaches
+    ``cfg.min_parallel_work``."""
+    return cfg.num_cores > 1 and iterations * PARALLEL_WORK_WEIGHT[kind] >= cfg.min_parallel_work
+
 #: 4-way int8 dot-product instruction family, by the LLVM target feature that provides it.
 _INT8_DOT_BY_FEATURE: tuple[tuple[str, str], ...] = (
     ("avx512vnni", "avx512vnni"),
@@ -68,11 +90,12 @@ class CpuScheduleConfig:
     for accumulators (AVX-512 has 32, NEON 32; keep room for inputs and broadcasts).
     ``max_oc_tile``: most output channels per register tile (both per target:
     :data:`_REGISTER_TILE_BY_FEATURE`). ``min_parallel_work``: below
-    this many scalar iterations (multiply-adds for a conv/matmul, elements for a copy) a
-    loop nest is not worth a parallel region. Why so high (2^21): a ``T.parallel`` loop
-    costs even when the runtime runs 1 thread (``TVMBackendParallelLaunch`` goes through
-    the pool, and LLVM optimizes the outlined closure worse); measured on MobileNetV2 at
-    32 px, 1 thread: the convs' kernel time dropped ~20% without parallel loops below it.
+    this much estimated work (float multiply-add equivalents: iterations weighted by
+    :data:`PARALLEL_WORK_WEIGHT`, see :func:`worth_parallel`) a loop nest is not worth a parallel
+    region. 3 * 2^16: a region costs ~1 us at 2 threads, and below ~3 us of serial work the second
+    core did not win it back (per-kernel timings, MobileNetV2 at 32 and 224 px). It was 2^21
+    while each parallel iteration still allocated its register tile from the heap (fixed by
+    kernels/stack_alloc.py): then a ``T.parallel`` loop cost up to 36% even on 1 thread.
     ``int8_dot``: the 4-way int8 dot-product instruction family the integer conv may be
     tensorized with (a key of :data:`INT8_DOT_CONV`, e.g. ``"avx512vnni"``; "" = none).
     ``max_row_tile``: most output rows per register tile of a KxK conv, and
@@ -91,7 +114,7 @@ class CpuScheduleConfig:
     num_cores: int = 1
     accumulators: int = 16
     max_oc_tile: int = 8
-    min_parallel_work: int = 1 << 21
+    min_parallel_work: int = 3 << 16
     int8_dot: str = ""
     max_row_tile: int = 4
     max_unrolled_taps: int = 9
@@ -297,7 +320,7 @@ def schedule_spatial(sch: Any, block: Any, cfg: CpuScheduleConfig, depth: int = 
     total = 1
     for lp in sch.get_loops(block):
         total *= _int_extent(sch, lp) or 1
-    if cfg.num_cores > 1 and total >= cfg.min_parallel_work and (_int_extent(sch, outer) or 1) > 1:
+    if worth_parallel(cfg, total, "element") and (_int_extent(sch, outer) or 1) > 1:
         sch.parallel(outer)
 
 
@@ -376,7 +399,7 @@ def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> 
     red = 1
     for lp in reduce:
         red *= _int_extent(sch, lp) or 1
-    if total and cfg.num_cores > 1 and total > 1 and total * red >= cfg.min_parallel_work:
+    if total and total > 1 and worth_parallel(cfg, total * red, "element"):
         sch.parallel(fused)
 
 
@@ -556,6 +579,7 @@ class Conv2dNCHWRule(_LazyRule):
             tile_rows = [yi]
         sch.reorder(n, fo, *rows, po, rc, ry, rx, fi, *tile_rows, pi)
         pad = self._per_channel_padding(sch, acc, geo, cfg) if rows else None
+        kind = "depthwise_mac" if self._is_depthwise(geo) else "mac"
         done: set[str | None] = set()
         if pad is not None:
             # channel blocks outside (parallel), the padding computed per block: see
@@ -563,7 +587,7 @@ class Conv2dNCHWRule(_LazyRule):
             chans = sch.fuse(n, fo)
             outer = sch.fuse(*rows, po)
             work = _block_iterations(sch, acc)
-            if cfg.num_cores > 1 and _int_extent(sch, chans) > 1 and work >= cfg.min_parallel_work:
+            if _int_extent(sch, chans) > 1 and worth_parallel(cfg, work, kind):
                 sch.parallel(chans)
             for block in pad:
                 done.add(sch.get(block).name_hint)
@@ -576,7 +600,7 @@ class Conv2dNCHWRule(_LazyRule):
         else:
             outer = sch.fuse(n, fo, *rows, po)
             work = _block_iterations(sch, acc)
-            if cfg.num_cores > 1 and _int_extent(sch, outer) > 1 and work >= cfg.min_parallel_work:
+            if _int_extent(sch, outer) > 1 and worth_parallel(cfg, work, kind):
                 sch.parallel(outer)
         if y_t > 1:  # all taps x rows unrolled: LLVM reuses each loaded input row for kh outputs
             sch.unroll(ry)
@@ -783,7 +807,7 @@ class MatmulRule(_LazyRule):
         if nj is None:
             return False
         if cfg.gemv_stream and _int_extent(sch, i) == 1 and 2 * lanes < nj <= self.GEMV_MAX_OUTPUTS:
-            parallel = cfg.num_cores > 1 and nj * (_int_extent(sch, k) or 1) >= cfg.min_parallel_work
+            parallel = worth_parallel(cfg, nj * (_int_extent(sch, k) or 1))
             if not parallel:  # (a big multi-core GEMV keeps the tiled order, whose tiles run in parallel)
                 return self._schedule_gemv(sch, func, acc, cfg, lanes)
         j_t = _largest_divisor(nj, 2 * lanes) if nj > 2 * lanes else nj
@@ -792,7 +816,7 @@ class MatmulRule(_LazyRule):
         outer = sch.fuse(i, jo)
         ni = _int_extent(sch, outer) or 1
         red = _int_extent(sch, k) or 1
-        if cfg.num_cores > 1 and ni > 1 and ni * j_t * red >= cfg.min_parallel_work:
+        if ni > 1 and worth_parallel(cfg, ni * j_t * red):
             sch.parallel(outer)
         sch.vectorize(ji)
         _finish_tiled_reduction(sch, func, cfg, acc, k, outer, lanes)
@@ -965,7 +989,7 @@ class Conv2dNHWCRule(_LazyRule):
         xo, xi = sch.split(x, [None, w_t])
         sch.reorder(n, y, xo, fo, ry, rx, rc, xi, fvi, fl)
         outer = sch.fuse(n, y, xo)
-        if cfg.num_cores > 1 and _block_iterations(sch, acc) >= cfg.min_parallel_work:
+        if worth_parallel(cfg, _block_iterations(sch, acc), "depthwise_mac" if geo["depthwise"] else "mac"):
             sch.parallel(outer)
         if geo["kh"] * geo["kw"] <= cfg.max_unrolled_taps:
             sch.unroll(ry)

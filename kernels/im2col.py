@@ -93,11 +93,11 @@ def schedule_im2col(sch: Any, block: Any, cfg: Any) -> bool:
     constants per tap, and each kernel row's contiguous bytes become a few wide moves (the
     generic vectorized schedule gathered byte by byte: 0.25 ms for the 224 px int8 RGB stem,
     0.045 ms unrolled, per-layer profile, 1 thread)."""
-    from apq.kernels.cpu_schedules import _block_iterations
+    from apq.kernels.cpu_schedules import _block_iterations, worth_parallel
 
     n, y, x, k = sch.get_loops(block)
     outer = sch.fuse(n, y)
-    if cfg.num_cores > 1 and _block_iterations(sch, block) >= cfg.min_parallel_work:
+    if worth_parallel(cfg, _block_iterations(sch, block), "gather_element"):
         sch.parallel(outer)
     sch.unroll(k)
     return True

@@ -116,7 +116,7 @@ def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], 
     accumulator (and, when possible, the epilogue) is flattened to H*W so tiles may cross rows.
     """
     from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _largest_divisor, _tile_consumer, flatten_pixels,
-                                           vectorize_by_divisor)
+                                           vectorize_by_divisor, worth_parallel)
     from apq.kernels.x86_int8 import _pack_activations, _pad_and_pack_activations
 
     width, npix = geo["ow"], geo["oh"] * geo["ow"]
@@ -148,7 +148,7 @@ def schedule_pointwise_dot(sch: Any, func: Any, conv: Any, geo: dict[str, int], 
     sch.reorder(n, fo, po, rco, ry, rx, fi, pv, pl, rci)
     outer = sch.fuse(n, fo, po)
     work = geo["oc"] * npix * n_ic  # multiply-adds
-    if cfg.num_cores > 1 and int(sch.get(outer).extent) > 1 and work >= cfg.min_parallel_work:
+    if int(sch.get(outer).extent) > 1 and worth_parallel(cfg, work, "int8_dot_mac"):
         sch.parallel(outer)
     done = {sch.get(acc).name_hint, sch.get(pack).name_hint}
     if npix % (n_vec * dot.lanes) == 0:

@@ -152,8 +152,10 @@ def _schedule_pack(sch: Any, pack: Any, cfg: Any) -> None:
 
 def _parallel_rows(sch: Any, rows: Any, pixels: int, cfg: Any) -> None:
     """Run the pack's channel-group rows in parallel when the copy is big enough."""
+    from apq.kernels.cpu_schedules import worth_parallel
+
     n_rows = int(sch.get(rows).extent)
-    if cfg.num_cores > 1 and n_rows > 1 and n_rows * pixels * K_GROUP >= cfg.min_parallel_work:
+    if n_rows > 1 and worth_parallel(cfg, n_rows * pixels * K_GROUP, "element"):
         sch.parallel(rows)
 
 

@@ -126,7 +126,7 @@ def find_packed_pointwise(sch: Any) -> Any | None:
 def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
     """Register-tile the packed pointwise conv and tensorize its (lanes x 4) core with vpdpbusd."""
     from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _block_iterations, _finish_tiled_reduction, choose_tile,
-                                           inline_elementwise)
+                                           inline_elementwise, worth_parallel)
 
     block = sch.get(conv)
     _, _, w_ext, oc, _, _ = (int(iv.dom.extent) for iv in block.iter_vars)
@@ -142,7 +142,7 @@ def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:
     oo, ov, ol = sch.split(o, [None, fv, lanes])
     sch.reorder(n, y, xo, oo, g, xi, ov, ol, k)
     outer = sch.fuse(n, y, xo, oo)
-    if cfg.num_cores > 1 and _block_iterations(sch, acc) >= cfg.min_parallel_work:
+    if worth_parallel(cfg, _block_iterations(sch, acc), "int8_dot_mac"):
         sch.parallel(outer)
     _finish_tiled_reduction(sch, func, cfg, acc, g, outer, lanes)
     sch.tensorize(ol, intrin)

@@ -145,8 +145,8 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
     mod, _, spec = _relax_module(mbv2_qdq, int8_layout="NCHW")  # the NCHW rule's path
     target = spec.tvm()
     fused = _fused(mod, target)
-    # parallel loops are only emitted above min_parallel_work (a parallel region costs even at
-    # 1 thread, see CpuScheduleConfig); lower it so this small model's conv must get one
+    # parallel loops are only emitted above min_parallel_work (a region costs ~1 us at 2 threads,
+    # see CpuScheduleConfig); lower it so this small model's conv must get one
     cfg = dataclasses.replace(CpuScheduleConfig.for_target(target), min_parallel_work=1)
     # the biggest integer conv (most MACs) gives a stable timing
     name, func = max(((gv.name_hint, f) for gv, f in fused.functions_items()
@@ -202,7 +202,7 @@ def _depthwise_module(channels: int, hw: int, stride: int, dtype: str):
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_small_convs_get_no_parallel_region_and_a_vector_padding_fill(dtype):
-    """Below min_parallel_work no T.parallel (it costs even at 1 thread); the padding fill of a
+    """Below min_parallel_work no T.parallel (~1 us per region at 2 threads); the padding fill of a
     34-wide row is vectorized (it used to be a scalar loop) and outputs stay exact."""
     from tvm import s_tir
 
@@ -211,13 +211,14 @@ def test_small_convs_get_no_parallel_region_and_a_vector_padding_fill(dtype):
 
     target = get_target("host").tvm()
     cfg = CpuScheduleConfig.for_target(target)
-    mod = _depthwise_module(32, 32, 1, dtype)
+    mod = _depthwise_module(8, 32, 1, dtype)
     fused = _fused(mod, target)
     (func,) = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     sch = s_tir.Schedule(func)
+    cfg = dataclasses.replace(cfg, num_cores=2)
     assert Conv2dNCHWRule(cfg).schedule(sch, func, cfg)
     script = sch.mod["main"].script()
-    assert "T.parallel" not in script  # 32*32*32*9 multiply-adds < 2**21
+    assert "T.parallel" not in script  # 32*32*8*9 depthwise multiply-adds, weighted x2: < 3 * 2**16
     fill = script[script.index('T.sblock("pad_temp_pad_const")') - 200:script.index('T.sblock("pad_temp_pad_const")')]
     assert "T.vectorized(T.int64(34))" in fill, fill
     # a big conv still gets its parallel region (multi-core targets)
@@ -225,6 +226,23 @@ def test_small_convs_get_no_parallel_region_and_a_vector_padding_fill(dtype):
     sch = s_tir.Schedule(func)
     assert Conv2dNCHWRule(big).schedule(sch, func, big)
     assert "T.parallel" in sch.mod["main"].script()
+
+
+def test_parallel_decision_weighs_iterations_by_kernel_kind():
+    """worth_parallel compares estimated work, not raw iterations: a gathered element counts 16
+    multiply-adds, a VNNI multiply-add half of one, a depthwise one two; 1-core targets never."""
+    from apq.kernels.cpu_schedules import PARALLEL_WORK_WEIGHT, CpuScheduleConfig, worth_parallel
+
+    cfg = dataclasses.replace(CpuScheduleConfig(), num_cores=2)
+    limit = cfg.min_parallel_work
+    assert worth_parallel(cfg, limit) and not worth_parallel(cfg, limit - 1)
+    assert worth_parallel(cfg, limit // 16, "gather_element") and not worth_parallel(cfg, limit // 17, "element")
+    assert worth_parallel(cfg, limit // 2, "depthwise_mac") and not worth_parallel(cfg, limit // 2, "mac")
+    assert not worth_parallel(cfg, limit, "int8_dot_mac") and worth_parallel(cfg, 2 * limit, "int8_dot_mac")
+    assert not worth_parallel(dataclasses.replace(cfg, num_cores=1), 1 << 40)
+    with pytest.raises(KeyError):
+        worth_parallel(cfg, limit, "no-such-kind")
+    assert set(PARALLEL_WORK_WEIGHT) == {"mac", "depthwise_mac", "int8_dot_mac", "element", "gather_element"}
 
 
 @pytest.mark.parametrize("dtype,stride", [("float32", 1), ("float32", 2), ("uint8", 1), ("uint8", 2)])
