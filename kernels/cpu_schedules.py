@@ -63,6 +63,9 @@ PARALLEL_WORK_WEIGHT: dict[str, float] = {
     "mac": 1.0,             # float (or float-accumulated int8) conv / matmul multiply-add
     "depthwise_mac": 2.0,   # depthwise: one load per FMA, about half the pointwise throughput
     "int8_dot_mac": 0.5,    # 4-way int8 dot product (vpdpbusd / sdot) multiply-add
+    # batch-1 dense (GEMV): streams its weights, memory-bound; the 224 px classifier (320 -> 1000)
+    # took 36 us streamed, 67 us tiled-parallel on 1 thread and 36 us on 2: keep streaming
+    "gemv_mac": 0.25,
     "element": 1.0,         # elementwise / copy / reduction element
     "gather_element": 16.0,  # im2col patch element (unrolled scalar gather)
 }
@@ -807,7 +810,7 @@ class MatmulRule(_LazyRule):
         if nj is None:
             return False
         if cfg.gemv_stream and _int_extent(sch, i) == 1 and 2 * lanes < nj <= self.GEMV_MAX_OUTPUTS:
-            parallel = worth_parallel(cfg, nj * (_int_extent(sch, k) or 1))
+            parallel = worth_parallel(cfg, nj * (_int_extent(sch, k) or 1), "gemv_mac")
             if not parallel:  # (a big multi-core GEMV keeps the tiled order, whose tiles run in parallel)
                 return self._schedule_gemv(sch, func, acc, cfg, lanes)
         j_t = _largest_divisor(nj, 2 * lanes) if nj > 2 * lanes else nj

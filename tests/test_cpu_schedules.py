@@ -230,7 +230,8 @@ def test_small_convs_get_no_parallel_region_and_a_vector_padding_fill(dtype):
 
 def test_parallel_decision_weighs_iterations_by_kernel_kind():
     """worth_parallel compares estimated work, not raw iterations: a gathered element counts 16
-    multiply-adds, a VNNI multiply-add half of one, a depthwise one two; 1-core targets never."""
+    multiply-adds, a VNNI multiply-add half of one, a depthwise one two, a streamed GEMV one a
+    quarter; 1-core targets never."""
     from apq.kernels.cpu_schedules import PARALLEL_WORK_WEIGHT, CpuScheduleConfig, worth_parallel
 
     cfg = dataclasses.replace(CpuScheduleConfig(), num_cores=2)
@@ -242,7 +243,9 @@ def test_parallel_decision_weighs_iterations_by_kernel_kind():
     assert not worth_parallel(dataclasses.replace(cfg, num_cores=1), 1 << 40)
     with pytest.raises(KeyError):
         worth_parallel(cfg, limit, "no-such-kind")
-    assert set(PARALLEL_WORK_WEIGHT) == {"mac", "depthwise_mac", "int8_dot_mac", "element", "gather_element"}
+    assert worth_parallel(cfg, limit, "mac") and not worth_parallel(cfg, 3 * limit, "gemv_mac")
+    assert set(PARALLEL_WORK_WEIGHT) == {"mac", "depthwise_mac", "int8_dot_mac", "gemv_mac", "element",
+                                         "gather_element"}
 
 
 @pytest.mark.parametrize("dtype,stride", [("float32", 1), ("float32", 2), ("uint8", 1), ("uint8", 2)])
