@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from apq.toolchain.layers import const_value, static_shape, tensor_dtype
+from apq.toolchain.layers import const_value, mutate_functions, static_shape, tensor_dtype
 
 #: Largest proven ``bound(x) * |1/s|`` that drops the clamp: 2^100, far below float32's 2^128.
 QUOTIENT_LIMIT = 2.0 ** 100
@@ -190,12 +190,12 @@ def drop_proven_clamps(mod: Any) -> tuple[Any, int]:
                                          primfunc_name_hint="quantize")
 
     rewriter = _Rewriter(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.var2val = relax.analysis.get_var2val(func)
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    mod = rewriter.builder_.get()
-    return mod, count
+
+    def enter(func: Any) -> None:
+        rewriter.var2val = relax.analysis.get_var2val(func)
+
+    module = mutate_functions(rewriter, mod, enter)
+    return module, count
 
 
 def drop_proven_clamps_pass() -> Any:

@@ -135,11 +135,22 @@ def rewrite_calls(mod: Any, op_name: str, rewrite: Callable[[Any, Any], Any]) ->
             count += 1
             return new
 
-    rewriter = _Rewriter(mod)
+    module = mutate_functions(_Rewriter(mod), mod)
+    return module, count
+
+
+def mutate_functions(mutator: Any, mod: Any, enter: Callable[[Any], None] | None = None) -> Any:
+    """Run a ``relax.PyExprMutator`` (built on ``mod``) over every Relax function of ``mod`` and
+    return the rebuilt module. ``enter(func)`` runs before each function, for mutators that keep
+    per-function state (e.g. ``var2val``)."""
+    from tvm import relax
+
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), count
+            if enter is not None:
+                enter(func)
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def _bindings(func: Any) -> list[Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from apq.toolchain.layers import const_value, tensor_dtype
+from apq.toolchain.layers import const_value, mutate_functions, tensor_dtype
 from apq.toolchain.layout import TO_NHWC
 
 #: TIR op pattern "opaque" (FuseOps leaves the gather alone)
@@ -124,11 +124,8 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
             self.widened.append(widened)
             return widened
 
-    gatherer = _Gatherer(mod)
-    for gvar, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            gatherer.builder_.update_func(gvar, gatherer.visit_expr(func))
-    return gatherer.builder_.get(), count
+    module = mutate_functions(_Gatherer(mod), mod)
+    return module, count
 
 
 __all__ = ["GatherPolicy", "gather_few_channel_convs"]
