@@ -25,7 +25,7 @@ def schedule_pass(cfg: CpuScheduleConfig | None = None) -> Any:
     return dlight.ApplyDefaultSchedule(*make_rules(cfg))
 
 
-def prepare_passes(target: Any) -> list[Any]:
+def prepare_passes(target: Any, cfg: CpuScheduleConfig | None = None) -> list[Any]:
     """Dispatch + legalize + FuseOps + FuseTIR: the passes whose output apq schedules.
 
     Shared with kernels/tuning.py so MetaSchedule tunes exactly the PrimFuncs the build sees.
@@ -33,16 +33,20 @@ def prepare_passes(target: Any) -> list[Any]:
     division-free requantize (:mod:`apq.kernels.requantize`); TVM's ``LegalizeOps`` then finds
     nothing left to legalize. Before it, quantizes whose input is provably finite and bounded
     (every int8 layer's epilogue) lose their saturation clamp (:mod:`apq.kernels.requantize_bounds`).
+    After FuseTIR, large depthwise -> pointwise pairs become one PrimFunc
+    (:mod:`apq.kernels.fuse_dw_pw`; ``cfg`` None: the target's config).
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from apq.kernels.fuse_dw_pw import fuse_depthwise_pointwise_pass
     from apq.kernels.requantize import legalize_map
     from apq.kernels.requantize_bounds import drop_proven_clamps_pass
 
     return (cpu.library_dispatch_passes(target)
             + [drop_proven_clamps_pass(), relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
-            + cpu.legalize_passes(target))
+            + cpu.legalize_passes(target)
+            + [fuse_depthwise_pointwise_pass(cfg or CpuScheduleConfig.for_target(target))])
 
 
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,
@@ -76,7 +80,7 @@ def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: 
         with target, (database if database is not None else contextlib.nullcontext()):
             tuned = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
             seq = tvm.transform.Sequential(
-                ([] if prepared else prepare_passes(target)) + tuned + middle
+                ([] if prepared else prepare_passes(target, cfg)) + tuned + middle
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 

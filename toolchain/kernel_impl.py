@@ -15,7 +15,9 @@ the Relax ``main`` sits in exactly one fused PrimFunc holding one *dot block* (a
 block that reads two operands besides its accumulator); pooling and means read one. The
 final ``main`` calls those PrimFuncs in program order (identical layers share one PrimFunc
 and are called twice), the same order :func:`apq.toolchain.layers.describe_layers` lists its
-records in, so the k-th dot call is the k-th record. When the counts disagree the mapping
+records in, so the k-th dot call is the k-th record. The one exception, a depthwise conv
+merged with the pointwise conv after it (kernels/fuse_dw_pw.py), holds two dot blocks writing
+two accumulators and counts as two layers, in block order. When the counts disagree the mapping
 is not trusted and every layer reports ``unknown`` rather than a guess.
 """
 
@@ -147,18 +149,35 @@ def _block_impl(block: Any) -> str:
     return "generic"
 
 
-def primfunc_impl(func: Any) -> str | None:
-    """The impl of a scheduled PrimFunc's dot block(s), or None when it holds no dot block."""
+def _dot_layers(func: Any) -> list[tuple[str, Any]]:
+    """``(impl, output buffer)`` per layer of a scheduled PrimFunc, in program order.
+
+    Dot blocks are grouped by the buffer they write: a schedule may split one conv into several
+    blocks (a partitioned loop), all writing its accumulator; a merged depthwise -> pointwise
+    kernel (kernels/fuse_dw_pw.py) writes two accumulators, one per layer.
+    """
     import tvm_ffi
     from tvm import s_tir
 
-    impls: list[str] = []
+    layers: list[tuple[list[str], Any]] = []
 
     def on_block(block: Any) -> None:
-        if _is_dot_block(block):
-            impls.append(_block_impl(block))
+        if not _is_dot_block(block):
+            return
+        out = _buffer(block.writes[0])
+        for impls, buf in layers:
+            if buf.same_as(out):
+                impls.append(_block_impl(block))
+                return
+        layers.append(([_block_impl(block)], out))
 
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    return [(min(impls, key=_PRIORITY.index), buf) for impls, buf in layers]
+
+
+def primfunc_impl(func: Any) -> str | None:
+    """The impl of a scheduled PrimFunc's dot block(s), or None when it holds no dot block."""
+    impls = [impl for impl, _ in _dot_layers(func)]
     return min(impls, key=_PRIORITY.index) if impls else None
 
 
@@ -175,12 +194,14 @@ def kernel_calls(mod: Any, func_name: str = "main") -> list[KernelCall]:
     """
     from tvm import ir, tirx
 
-    impl_of: dict[str, str | None] = {}
-    size_of: dict[str, int | None] = {}
+    layers_of: dict[str, list[tuple[str, int | None]]] = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc):
-            impl_of[gv.name_hint] = primfunc_impl(func)
-            size_of[gv.name_hint] = _output_elements(func)
+            layers = _dot_layers(func)
+            if len(layers) == 1:  # the PrimFunc's output is the layer's (a partitioned conv: one)
+                layers_of[gv.name_hint] = [(layers[0][0], _output_elements(func))]
+            else:
+                layers_of[gv.name_hint] = [(impl, _elements(buf)) for impl, buf in layers]
     calls: list[KernelCall] = []
     for binding in _bindings(mod[func_name]):
         value = getattr(binding, "value", None)
@@ -190,8 +211,8 @@ def kernel_calls(mod: Any, func_name: str = "main") -> list[KernelCall]:
         if str(getattr(callee, "name", "")).startswith("relax.call_tir") and len(value.args) > 0:
             callee = value.args[0]
         name = getattr(callee, "name_hint", None)
-        if isinstance(callee, ir.GlobalVar) and impl_of.get(str(name)) is not None:
-            calls.append(KernelCall(str(name), str(impl_of[str(name)]), size_of[str(name)]))
+        if isinstance(callee, ir.GlobalVar):
+            calls.extend(KernelCall(str(name), impl, size) for impl, size in layers_of.get(str(name), []))
     return calls
 
 
@@ -199,12 +220,19 @@ def _output_elements(func: Any) -> int | None:
     """Element count of a PrimFunc's last parameter (FuseTIR and apq's kernels put the output last)."""
     try:
         param = func.params[-1]  # TVM 0.27: a buffer-typed Var with a shape; older: via buffer_map
-        buf = func.buffer_map[param] if hasattr(func, "buffer_map") else param
+        return _elements(func.buffer_map[param] if hasattr(func, "buffer_map") else param)
+    except (IndexError, KeyError):  # no params
+        return None
+
+
+def _elements(buf: Any) -> int | None:
+    """Element count of a buffer with a static shape (None for symbolic dims)."""
+    try:
         n = 1
         for dim in buf.shape:
             n *= int(dim)
         return n
-    except (IndexError, KeyError, TypeError, ValueError, AttributeError):  # no params, symbolic dims
+    except (TypeError, ValueError, AttributeError):
         return None
 
 
