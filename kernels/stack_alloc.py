@@ -22,6 +22,8 @@ worker threads have finite stacks and those buffers are not register candidates 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 #: Largest scratch buffer (bytes) put on the stack: a 32-register AVX-512 tile is 2 KiB; the
@@ -79,8 +81,10 @@ def stack_alloc_pass(max_bytes: int = MAX_STACK_BYTES) -> Any:
     return _pass
 
 
+@functools.cache
 def tir_pipeline() -> str:
-    """Register (once) and return the name of TVM's default TIR pipeline + :func:`stack_alloc_pass`.
+    """Register (once per process) and return the name of TVM's default TIR pipeline +
+    :func:`stack_alloc_pass`.
 
     A name, because TVM 0.27's ``tirx.build`` only takes registered pipeline names. The pass runs
     in the host finalization, right before ``LowerTVMBuiltin`` (the pass that would otherwise

@@ -187,16 +187,20 @@ def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
     loaded 2-core machine) in *every* builder worker, and ``LocalBuilder`` restarts its workers on
     every batch: it dominated tuning time. A candidate reaching the builder is already scheduled
     (tensorized blocks carry the intrinsic's body), so building it needs no intrinsic registry.
+    The TIR pipeline is the model build's (kernels/stack_alloc.py), so a tuned kernel is timed
+    as it will run, and against apq's schedule on equal terms.
     """
     import warnings
 
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from apq.kernels.stack_alloc import tir_pipeline
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     with warnings.catch_warnings():  # tvm.driver.build is deprecated; it is what MetaSchedule calls
         warnings.simplefilter("ignore", DeprecationWarning)
-        return tvm_build(mod, target=target)
+        return tvm_build(mod, target=target, pipeline=tir_pipeline())
 
 
 def measure_modules(mods: list[Any | None], target: Any, runner_cfg: RunnerConfig) -> list[float | None]:
