@@ -114,6 +114,9 @@ class CpuScheduleConfig:
     ``fuse_dw_pw_min_bytes``: a depthwise conv and the pointwise conv reading it become one
     kernel (kernels/fuse_dw_pw.py) when the depthwise input plus output is at least this many
     bytes: 2 MiB, this host's L2. Smaller pairs measured no gain or up to ~10% loss fused.
+    ``fuse_pw_dw_min_bytes``: the same for a pointwise (expansion) conv and the depthwise conv
+    reading it, on the expanded tensor's size; ``fuse_block_bytes``: most bytes of expanded rows
+    one block of that fused kernel computes (halo included): half the L2.
     """
 
     vector_bits: int = 128
@@ -130,6 +133,8 @@ class CpuScheduleConfig:
     dw_max_row_tile: int = 7
     gemv_stream: bool = True
     fuse_dw_pw_min_bytes: int = 2 << 20
+    fuse_pw_dw_min_bytes: int = 2 << 20
+    fuse_block_bytes: int = 1 << 20
 
     def lanes(self, dtype_bits: int) -> int:
         """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""
@@ -1022,15 +1027,15 @@ class Int8PointwiseNHWCRule(_LazyRule):
         return conv is not None and x86_int8_nhwc.schedule_packed_pointwise(sch, func, conv, cfg)
 
 
-class DepthwisePointwiseNHWCRule(_LazyRule):
-    """A depthwise conv fused with the pointwise conv that reads it (kernels/fuse_dw_pw.py)."""
+class DepthwiseChainNHWCRule(_LazyRule):
+    """A depthwise conv fused with the pointwise convs around it (kernels/fuse_dw_pw.py)."""
 
-    name = "dw-pw-nhwc"
+    name = "dw-chain-nhwc"
 
     def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
-        from apq.kernels.fuse_dw_pw import schedule_depthwise_pointwise
+        from apq.kernels.fuse_dw_pw import schedule_depthwise_chain
 
-        return schedule_depthwise_pointwise(sch, func, cfg)
+        return schedule_depthwise_chain(sch, func, cfg)
 
 
 class Im2colRule(_LazyRule):
@@ -1051,7 +1056,7 @@ class Im2colRule(_LazyRule):
 RULES: dict[str, type[_LazyRule]] = {
     Im2colRule.name: Im2colRule,
     Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,
-    DepthwisePointwiseNHWCRule.name: DepthwisePointwiseNHWCRule,
+    DepthwiseChainNHWCRule.name: DepthwiseChainNHWCRule,
     Conv2dNHWCRule.name: Conv2dNHWCRule,
     Conv2dNCHWRule.name: Conv2dNCHWRule,
     MatmulRule.name: MatmulRule,

@@ -1,46 +1,55 @@
-"""A depthwise conv and the pointwise conv that reads it, in one kernel, one output row at a time.
+"""A depthwise conv and the pointwise convs around it, in one kernel, a few rows at a time.
 
-Why: every MobileNet-style block ends ``depthwise KxK -> (bias, ReLU6) -> pointwise 1x1``. At
-224 px input the first blocks move multi-megabyte tensors (112x112x32 floats = 1.6 MB; the
-2 MB L2 of this host holds little more), and both kernels alone run at the cache's bandwidth,
-not at their arithmetic peak (~20 GB/s, measured per kernel). Fused, the depthwise output of
-one row (112 x 32 floats = 14 KB) is consumed from L1 by the pointwise conv right after it is
-produced, and the pointwise arithmetic overlaps the depthwise's memory stalls. Measured on the
-224 px MobileNetV2 (1 thread, each pair's fused kernel vs the two kernels alone, same process):
-112 px dw32 -> pw16 275 -> 203 us, 112 px stride-2 dw64 -> pw24 334 -> 264 us, 56 px dw96 -> pw24
-331 -> 318 us. Pairs whose tensors fit in L2 gained nothing or lost up to ~10% (28 and 14 px),
-so only pairs that move at least :attr:`CpuScheduleConfig.fuse_dw_pw_min_bytes` (depthwise
-input + output) are fused.
+Why: a MobileNet-style block is ``pointwise expand -> depthwise KxK -> pointwise project`` (each
+with bias and ReLU6). At 224 px input the first blocks move multi-megabyte tensors (112x112x64
+floats = 3.2 MB; this host's L2 is 2 MB), and each kernel alone runs at the cache's bandwidth,
+not at its arithmetic peak (~20 GB/s, measured per kernel). Fused, an intermediate is consumed
+from L1/L2 right after it is produced, and one conv's arithmetic overlaps another's memory
+stalls. Measured on the 224 px MobileNetV2 (1 thread, a fused kernel vs its kernels alone, same
+process):
+
+- depthwise -> project, one row at a time: 112 px dw32 -> pw16 275 -> 203 us, 112 px stride-2
+  dw64 -> pw24 334 -> 264 us, 56 px dw96 -> pw24 331 -> 318 us; pairs whose tensors fit in L2
+  gained nothing or lost up to ~10% (28 and 14 px).
+- expand -> depthwise, the expansion computed per block of depthwise output rows (the rows a
+  block needs, its halo rows computed twice): 112 px pw16 -> 64 -> stride-2 dw 372 -> 276 us with
+  8-row blocks, 436 -> 280 us with 14; at 56 px (stride 1, 1.2 MB expanded) 190 -> 196 and
+  256 -> 236 us; with 4-row blocks the recomputed halo ate the gain everywhere.
+
+So a pair is fused only when it moves enough bytes (:class:`CpuScheduleConfig`
+``fuse_dw_pw_min_bytes``, ``fuse_pw_dw_min_bytes``), and an expansion block is the most rows whose
+expanded input stays within ``fuse_block_bytes``.
 
 How, in two steps:
 
-1. :func:`fuse_depthwise_pointwise_pass` (Relax, after FuseOps/FuseTIR): a ``call_tir`` of a
-   float NHWC depthwise conv whose only use is the next binding, a ``call_tir`` of a stride-1
-   1x1 NHWC conv taking it as data, is wrapped with that call in one primitive Relax function,
-   and TVM's ``FuseTIR`` merges the two PrimFuncs into one (buffers, epilogues and all).
-2. :func:`schedule_depthwise_pointwise` (the ``dw-pw-nhwc`` schedule rule): the pointwise conv
-   gets :class:`~apq.kernels.cpu_schedules.Conv2dNHWCRule`'s register tile with its rows as
-   the outer (parallel) loop; the depthwise conv's output row is computed at that loop
-   (``compute_at``), with its own register tile and its bias/ReLU6 written per tile. TVM's
-   buffer compaction then allocates the intermediate as one row inside the row loop, so each
-   worker thread has its own.
+1. :func:`fuse_depthwise_chains` (Relax, after FuseOps/FuseTIR): a ``call_tir`` whose only use is
+   the next binding, a ``call_tir`` that takes it as data, is wrapped with that call in one
+   primitive Relax function, and TVM's ``FuseTIR`` merges the two PrimFuncs into one (buffers,
+   epilogues and all). First depthwise -> project pairs, then expand -> (depthwise or merged
+   depthwise -> project) pairs, so a whole block can become one kernel.
+2. :func:`schedule_depthwise_chain` (the ``dw-chain-nhwc`` schedule rule): the last conv gets
+   :class:`~apq.kernels.cpu_schedules.Conv2dNHWCRule`'s register tile with its rows (or blocks
+   of rows) as the outer, parallel loop; the depthwise row is computed at the row loop and the
+   expansion at the block loop (``compute_at``), each with its own register tile and its
+   epilogue written per tile. TVM's buffer compaction allocates each intermediate as one row
+   or block inside those loops, so each worker thread has its own.
 
-The arithmetic, and its order, is that of the two kernels alone: outputs are bit-identical.
-The pass keeps a merge only when the rule can schedule the merged PrimFunc, so a pair never
-falls to the generic (slow) rule.
+The arithmetic, and its order, is that of the kernels alone: outputs are bit-identical. The pass
+keeps a merge only when the rule schedules the merged PrimFunc, so a merged kernel never falls to
+the generic (slow) rule.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from apq.kernels.cpu_schedules import (
     Conv2dNCHWRule,
     CpuScheduleConfig,
     _block_iterations,
     _blocks,
+    _has_if_then_else,
     _iter_kinds,
-    _single_reduction,
     choose_tile,
     inline_elementwise,
     nhwc_geometry,
@@ -48,19 +57,51 @@ from apq.kernels.cpu_schedules import (
     worth_parallel,
 )
 
-#: Name given to a merged PrimFunc: ``fused_<depthwise ops>_<pointwise ops>``.
+#: Name given to a merged PrimFunc: ``fused_<first ops>_<second ops>``.
 MERGED_PREFIX = "fused_"
+#: Conv chains (kinds of a PrimFunc's convs in order) the rule schedules.
+CHAINS = (("dw", "pw"), ("pw", "dw"), ("pw", "dw", "pw"))
 
 
-def _float_conv_geometry(func: Any) -> dict[str, int] | None:
-    """NHWC geometry of a PrimFunc holding one float32 NHWC conv (else None)."""
+# --------------------------------------------------------------------------- what a PrimFunc is
+
+
+def _float_convs(sch: Any) -> list[tuple[Any, dict[str, int]]] | None:
+    """``(block, NHWC geometry)`` of every reduction block, in order; None unless every one is a
+    float32 NHWC conv."""
+    reds = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)]
+    convs = []
+    for block in reds:
+        if _iter_kinds(sch, block) != "SSSSRRR" or str(sch.get(block).writes[0].source.dtype) != "float32":
+            return None
+        geo = nhwc_geometry(sch, block)
+        if geo is None:
+            return None
+        convs.append((block, geo))
+    return convs
+
+
+def _kind(geo: dict[str, int]) -> str:
+    """``dw`` (depthwise), ``pw`` (stride-1 1x1: output rows are input rows) or ``conv``."""
+    if geo["depthwise"]:
+        return "dw"
+    return "pw" if geo["kh"] * geo["kw"] == 1 and geo["stride_w"] == 1 else "conv"
+
+
+def conv_chain(func: Any) -> tuple[str, ...]:
+    """Kinds of a PrimFunc's float NHWC convs in order, e.g. ``("dw",)`` or ``("pw", "dw")``;
+    empty for anything else (no conv, another dtype or layout, other reductions)."""
     from tvm import s_tir
 
-    sch = s_tir.Schedule(func)
-    conv = _single_reduction(sch, "SSSSRRR")
-    if conv is None or str(sch.get(conv).writes[0].source.dtype) != "float32":
-        return None
-    return nhwc_geometry(sch, conv)
+    convs = _float_convs(s_tir.Schedule(func))
+    if not convs:
+        return ()
+    kinds = tuple(_kind(geo) for _, geo in convs)
+    if kinds == ("pw",):  # a lone 1x1 conv: also check that it keeps its input's rows
+        data, out = func.params[0], func.params[-1]
+        if [int(d) for d in data.shape[:3]] != [int(d) for d in out.shape[:3]]:
+            return ("conv",)
+    return kinds
 
 
 def _bytes(ty: Any) -> int:
@@ -75,26 +116,16 @@ def _bytes(ty: Any) -> int:
         return 0
 
 
-def is_depthwise(func: Any) -> bool:
-    geo = _float_conv_geometry(func)
-    return bool(geo and geo["depthwise"])
+# --------------------------------------------------------------------------- the Relax side
+
+#: accept(producer binding, consumer binding, producer chain, consumer chain) -> merge?
+PairTest = Callable[[Any, Any, tuple[str, ...], tuple[str, ...]], bool]
 
 
-def is_pointwise(func: Any) -> bool:
-    """A stride-1 1x1 NHWC float conv (its output rows are its input rows)."""
-    geo = _float_conv_geometry(func)
-    if not geo or geo["depthwise"] or geo["kh"] * geo["kw"] != 1 or geo["stride_w"] != 1:
-        return False
-    data, out = func.params[0], func.params[-1]
-    return [int(d) for d in data.shape[:3]] == [int(d) for d in out.shape[:3]]
-
-
-def find_pairs(mod: Any, min_bytes: int, func_name: str = "main") -> dict[Any, Any]:
-    """``{pointwise binding var: depthwise binding}`` for every fusable pair in ``mod[func_name]``.
-
-    A pair: consecutive bindings ``a = call_tir(dw, ...)``, ``b = call_tir(pw, (a, ...))`` where
-    ``a`` has no other use and the depthwise input plus output is at least ``min_bytes``.
-    """
+def find_pairs(mod: Any, accept: PairTest, func_name: str = "main") -> dict[Any, Any]:
+    """``{consumer binding var: producer binding}`` for consecutive ``call_tir`` bindings
+    ``a = call_tir(f, ...)``, ``b = call_tir(g, (a, ...))`` where ``a`` has no other use and
+    ``accept`` says yes."""
     import tvm
     from tvm import relax
 
@@ -112,38 +143,33 @@ def find_pairs(mod: Any, min_bytes: int, func_name: str = "main") -> dict[Any, A
     for binding in bindings:
         relax.analysis.post_order_visit(binding.value, count)
     relax.analysis.post_order_visit(func.body.body, count)
+    chains: dict[str, tuple[str, ...]] = {}
 
-    def tir_callee(binding: Any) -> Any:
+    def chain_of(binding: Any) -> tuple[str, ...] | None:
         value = getattr(binding, "value", None)
-        if isinstance(value, relax.Call) and value.op.same_as(call_tir):
-            return mod[value.args[0]]
-        return None
+        if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+            return None
+        name = value.args[0].name_hint
+        if name not in chains:
+            chains[name] = conv_chain(mod[value.args[0]])
+        return chains[name]
 
     pairs: dict[Any, Any] = {}
-    kinds: dict[Any, tuple[bool, bool]] = {}
-
-    def kind(func: Any) -> tuple[bool, bool]:
-        if func not in kinds:
-            kinds[func] = (is_depthwise(func), is_pointwise(func))
-        return kinds[func]
-
     for prev, cur in zip(bindings, bindings[1:]):
-        f_dw, f_pw = tir_callee(prev), tir_callee(cur)
-        if f_dw is None or f_pw is None or prev in pairs.values():
+        c_prev, c_cur = chain_of(prev), chain_of(cur)
+        if not c_prev or not c_cur or any(p.same_as(prev.var) for p in pairs):
             continue
         args = cur.value.args[1].fields
         if not args or not args[0].same_as(prev.var) or uses.get(prev.var, 0) != 1:
             continue
-        moved = _bytes(prev.value.args[1].fields[0].ty) + _bytes(prev.var.ty)
-        if moved < min_bytes or not kind(f_dw)[0] or not kind(f_pw)[1]:
-            continue
-        pairs[cur.var] = prev
+        if accept(prev, cur, c_prev, c_cur):
+            pairs[cur.var] = prev
     return pairs
 
 
-def _merged_name(dw_name: str, pw_name: str) -> str:
+def _merged_name(first: str, second: str) -> str:
     strip = lambda n: n[len(MERGED_PREFIX):] if n.startswith(MERGED_PREFIX) else n  # noqa: E731
-    return f"{MERGED_PREFIX}{strip(dw_name)}_{strip(pw_name)}"
+    return f"{MERGED_PREFIX}{strip(first)}_{strip(second)}"
 
 
 def merge_pairs(mod: Any, pairs: dict[Any, Any], func_name: str = "main") -> tuple[Any, dict[Any, str]]:
@@ -157,19 +183,20 @@ def merge_pairs(mod: Any, pairs: dict[Any, Any], func_name: str = "main") -> tup
     names: dict[Any, str] = {}
 
     def primitive(prod: Any, cons: Any) -> tuple[Any, list[Any]]:
-        dw_args = list(prod.value.args[1].fields)
-        pw_args = list(cons.value.args[1].fields)[1:]
-        params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(dw_args + pw_args)]
+        first_args = list(prod.value.args[1].fields)
+        second_args = list(cons.value.args[1].fields)[1:]
+        params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(first_args + second_args)]
         mid = relax.DataflowVar("mid", prod.var.ty)
         out = relax.Var("out", cons.var.ty)
         block = relax.DataflowBlock([
-            relax.VarBinding(mid, relax.Call(call_tir, [prod.value.args[0], relax.Tuple(params[:len(dw_args)])],
+            relax.VarBinding(mid, relax.Call(call_tir, [prod.value.args[0], relax.Tuple(params[:len(first_args)])],
                                              ty_args=prod.value.ty_args)),
-            relax.VarBinding(out, relax.Call(call_tir, [cons.value.args[0], relax.Tuple([mid] + params[len(dw_args):])],
+            relax.VarBinding(out, relax.Call(call_tir, [cons.value.args[0],
+                                                        relax.Tuple([mid] + params[len(first_args):])],
                                              ty_args=cons.value.ty_args)),
         ])
         func = relax.Function(params, relax.SeqExpr([block], out), cons.var.ty, is_pure=True)
-        return func.with_attr("Primitive", True), dw_args + pw_args
+        return func.with_attr("Primitive", True), first_args + second_args
 
     @relax.expr_functor.mutator
     class _Merge(relax.PyExprMutator):
@@ -193,12 +220,11 @@ def merge_pairs(mod: Any, pairs: dict[Any, Any], func_name: str = "main") -> tup
     return relax.transform.DeadCodeElimination()(merged), names
 
 
-def fuse_depthwise_pointwise(mod: Any, cfg: CpuScheduleConfig) -> Any:
-    """Merge every fusable pair (:func:`find_pairs`) whose merged PrimFunc the rule schedules."""
-    pairs = find_pairs(mod, cfg.fuse_dw_pw_min_bytes)
+def _merge_schedulable(mod: Any, pairs: dict[Any, Any], cfg: CpuScheduleConfig) -> Any:
+    """Merge ``pairs``, dropping (and retrying without) any whose merged PrimFunc the rule declines."""
     while pairs:
         merged, names = merge_pairs(mod, pairs)
-        failed = [var for var, name in names.items() if not _schedulable(merged[name], cfg)]
+        failed = {var for var, name in names.items() if not _schedulable(merged[name], cfg)}
         if not failed:
             return merged
         pairs = {var: prod for var, prod in pairs.items() if var not in failed}
@@ -209,22 +235,51 @@ def _schedulable(func: Any, cfg: CpuScheduleConfig) -> bool:
     from tvm import s_tir
 
     try:
-        return schedule_depthwise_pointwise(s_tir.Schedule(func), func, cfg)
+        return schedule_depthwise_chain(s_tir.Schedule(func), func, cfg)
     except Exception:  # noqa: BLE001 -- a schedule error means "do not merge this pair"
         return False
 
 
-def fuse_depthwise_pointwise_pass(cfg: CpuScheduleConfig | None = None) -> Any:
-    """Module pass form of :func:`fuse_depthwise_pointwise` (``cfg`` None: from the target in
-    scope, like the schedule rules)."""
+def depthwise_project_test(cfg: CpuScheduleConfig) -> PairTest:
+    """A depthwise conv -> a pointwise conv, moving >= ``fuse_dw_pw_min_bytes`` (dw in + out)."""
+    def accept(prev: Any, cur: Any, c_prev: tuple[str, ...], c_cur: tuple[str, ...]) -> bool:
+        moved = _bytes(prev.value.args[1].fields[0].ty) + _bytes(prev.var.ty)
+        return c_prev == ("dw",) and c_cur == ("pw",) and moved >= cfg.fuse_dw_pw_min_bytes
+
+    return accept
+
+
+def expand_depthwise_test(cfg: CpuScheduleConfig) -> PairTest:
+    """A pointwise conv -> a depthwise one (maybe merged with its project), expanded tensor
+    >= ``fuse_pw_dw_min_bytes``."""
+    def accept(prev: Any, cur: Any, c_prev: tuple[str, ...], c_cur: tuple[str, ...]) -> bool:
+        return (c_prev == ("pw",) and c_cur in (("dw",), ("dw", "pw"))
+                and _bytes(prev.var.ty) >= cfg.fuse_pw_dw_min_bytes)
+
+    return accept
+
+
+def fuse_depthwise_chains(mod: Any, cfg: CpuScheduleConfig) -> Any:
+    """Depthwise -> project pairs, then expand -> depthwise(-project) pairs, merged where the
+    rule schedules the result (module docstring)."""
+    for test in (depthwise_project_test(cfg), expand_depthwise_test(cfg)):
+        mod = _merge_schedulable(mod, find_pairs(mod, test), cfg)
+    return mod
+
+
+def fuse_depthwise_chains_pass(cfg: CpuScheduleConfig | None = None) -> Any:
+    """Module pass form of :func:`fuse_depthwise_chains` (``cfg`` None: from the target in scope)."""
     import tvm
 
-    @tvm.transform.module_pass(opt_level=0, name="ApqFuseDepthwisePointwise")
+    @tvm.transform.module_pass(opt_level=0, name="ApqFuseDepthwiseChains")
     def _pass(mod: Any, _ctx: Any) -> Any:
         config = cfg or CpuScheduleConfig.for_target(tvm.target.Target.current())
-        return fuse_depthwise_pointwise(mod, config)
+        return fuse_depthwise_chains(mod, config)
 
     return _pass
+
+
+# --------------------------------------------------------------------------- the schedule
 
 
 def _tile_conv(sch: Any, conv: Any, outer: list[Any], geo: dict[str, int], cfg: CpuScheduleConfig) -> tuple[Any, Any]:
@@ -245,57 +300,97 @@ def _tile_conv(sch: Any, conv: Any, outer: list[Any], geo: dict[str, int], cfg: 
     return fo, ry
 
 
-def _epilogue_per_tile(sch: Any, block: Any, at_loop: Any, lanes: int) -> None:
-    sch.reverse_compute_at(block, at_loop, preserve_unit_loops=False)
-    vectorize_by_divisor(sch, sch.get_loops(block)[-1], lanes)
+def _finish(sch: Any, conv: Any, epilogue: Any | None, tile_loop: Any, reduce_loop: Any, lanes: int) -> None:
+    """Epilogue per register tile (vectorized), zero-init split off (vectorized)."""
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=False)
+        vectorize_by_divisor(sch, sch.get_loops(epilogue)[-1], lanes)
+    init = sch.decompose_reduction(conv, reduce_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_depthwise_pointwise(sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
-    """Schedule a merged depthwise -> pointwise PrimFunc (module docstring); False if it is not one."""
-    reds = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)]
-    if len(reds) != 2 or any(_iter_kinds(sch, b) != "SSSSRRR" for b in reds):
+def _materialized(sch: Any, producer: Any, consumer: Any) -> Any | None:
+    """The block whose output ``consumer`` reads, materialized: the last block of the chain from
+    ``producer`` to ``consumer`` that is not padding (padding is inlined into the consumer), or
+    ``producer`` itself when nothing lies between. None when the chain branches."""
+    target_name = sch.get(consumer).name_hint
+    last, block = producer, producer
+    while True:
+        nxt = sch.get_consumers(block)
+        if len(nxt) != 1:
+            return None
+        if sch.get(nxt[0]).name_hint == target_name:
+            return last
+        block = nxt[0]
+        if not _has_if_then_else(sch, block):
+            last = block
+
+
+def _compute_at(sch: Any, conv: Any, mid: Any, loop: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> None:
+    """Compute ``conv`` (and its epilogue ``mid``) where ``loop`` needs it, register-tiled."""
+    has_epilogue = sch.get(mid).name_hint != sch.get(conv).name_hint
+    if has_epilogue:
+        sch.compute_at(mid, loop, preserve_unit_loops=False)
+    # unit loops kept: without, a depthwise conv's rc (extent 1) vanishes and the tile loses its axes
+    sch.compute_at(conv, loop, preserve_unit_loops=True)
+    if has_epilogue:
+        sch.set_scope(conv, 0, "local")
+    fo, ry = _tile_conv(sch, conv, [], geo, cfg)
+    _finish(sch, conv, mid if has_epilogue else None, fo, ry, cfg.lanes(32))
+
+
+def rows_per_block(out_rows: int, stride: int, kh: int, in_row_bytes: int, budget: int) -> int:
+    """Depthwise output rows per expansion block: the largest divisor of ``out_rows`` whose
+    input rows (``rows * stride + kh - stride``, halo included) fit in ``budget`` bytes (>= 1)."""
+    fits = [r for r in range(1, out_rows + 1)
+            if out_rows % r == 0 and (r * stride + kh - stride) * in_row_bytes <= budget]
+    return max(fits, default=1)
+
+
+def schedule_depthwise_chain(sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+    """Schedule a merged [expand ->] depthwise [-> project] PrimFunc (module docstring); False
+    (schedule untouched) if it is not one."""
+    convs = _float_convs(sch)
+    if not convs or tuple(_kind(geo) for _, geo in convs) not in CHAINS:
         return False
-    dw, pw = reds
-    if any(str(sch.get(b).writes[0].source.dtype) != "float32" for b in reds):
+    kinds = [_kind(geo) for _, geo in convs]
+    i_dw = kinds.index("dw")
+    dw, g_dw = convs[i_dw]
+    expand, g_expand = convs[0] if i_dw == 1 else (None, None)
+    project, g_project = convs[i_dw + 1] if i_dw + 1 < len(convs) else (None, None)
+    mid_expand = _materialized(sch, expand, dw) if expand is not None else None
+    mid_dw = _materialized(sch, dw, project) if project is not None else None
+    if (expand is not None and mid_expand is None) or (project is not None and mid_dw is None):
         return False
-    g_dw, g_pw = nhwc_geometry(sch, dw), nhwc_geometry(sch, pw)
-    if not g_dw or not g_pw or not g_dw["depthwise"] or g_pw["depthwise"] or g_pw["kh"] * g_pw["kw"] != 1:
+    last, g_last = (project, g_project) if project is not None else (dw, g_dw)
+    if len(sch.get_consumers(last)) != 1:
         return False
-    producers = sch.get_producers(pw)
-    if len(producers) != 1:
-        return False
-    # ``mid`` writes what the pointwise conv reads: the depthwise epilogue (bias, ReLU6) after
-    # inlining, or the depthwise conv itself when it has none.
-    mid = producers[0]
-    has_epilogue = sch.get(mid).name_hint != sch.get(dw).name_hint
-    inline_elementwise(sch, func, keep=[dw, pw, mid])
+    work = sum(_block_iterations(sch, b) * (2 if g["depthwise"] else 1) for b, g in convs)
+    inline_elementwise(sch, func, keep=[b for b, _ in convs] + [m for m in (mid_expand, mid_dw) if m is not None])
     lanes = cfg.lanes(32)
 
-    pw = Conv2dNCHWRule._accumulator(sch, func, pw)
-    n, y = sch.get_loops(pw)[:2]
-    row = sch.fuse(n, y)
-    fo, ry = _tile_conv(sch, pw, [row], g_pw, cfg)
-    if worth_parallel(cfg, _block_iterations(sch, pw) + 2 * _block_iterations(sch, dw), "mac"):
-        sch.parallel(row)
-    consumers = sch.get_consumers(pw)
-    if len(consumers) != 1:
-        return False
-    _epilogue_per_tile(sch, consumers[0], fo, lanes)
-    init = sch.decompose_reduction(pw, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
-
-    if has_epilogue:
-        sch.compute_at(mid, row, preserve_unit_loops=False)
-    sch.compute_at(dw, row, preserve_unit_loops=True)
-    if has_epilogue:
-        sch.set_scope(dw, 0, "local")
-    fo, ry = _tile_conv(sch, dw, [], g_dw, cfg)
-    if has_epilogue:
-        _epilogue_per_tile(sch, mid, fo, lanes)
-    init = sch.decompose_reduction(dw, ry)
-    sch.vectorize(sch.get_loops(init)[-1])
+    last = Conv2dNCHWRule._accumulator(sch, func, last)
+    n, y = sch.get_loops(last)[:2]
+    if expand is not None:
+        row_bytes = g_dw["ow"] * g_dw["stride_w"] * g_dw["oc"] * 4
+        rows = rows_per_block(g_dw["oh"], g_dw["stride_w"], g_dw["kh"], row_bytes, cfg.fuse_block_bytes)
+        y_block, row = sch.split(y, [None, rows])
+        outer = sch.fuse(n, y_block)
+        inner = [outer, row]
+    else:
+        outer = row = sch.fuse(n, y)
+        inner = [row]
+    fo, ry = _tile_conv(sch, last, inner, g_last, cfg)
+    if worth_parallel(cfg, work, "mac"):
+        sch.parallel(outer)
+    _finish(sch, last, sch.get_consumers(last)[0], fo, ry, lanes)
+    if project is not None:
+        _compute_at(sch, dw, mid_dw, row, g_dw, cfg)
+    if expand is not None:
+        _compute_at(sch, expand, mid_expand, outer, g_expand, cfg)
     return True
 
 
-__all__ = ["MERGED_PREFIX", "find_pairs", "fuse_depthwise_pointwise", "fuse_depthwise_pointwise_pass",
-           "is_depthwise", "is_pointwise", "merge_pairs", "schedule_depthwise_pointwise"]
+__all__ = ["CHAINS", "MERGED_PREFIX", "conv_chain", "depthwise_project_test", "expand_depthwise_test",
+           "find_pairs", "fuse_depthwise_chains", "fuse_depthwise_chains_pass", "merge_pairs", "rows_per_block",
+           "schedule_depthwise_chain"]

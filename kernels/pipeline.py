@@ -33,20 +33,20 @@ def prepare_passes(target: Any, cfg: CpuScheduleConfig | None = None) -> list[An
     division-free requantize (:mod:`apq.kernels.requantize`); TVM's ``LegalizeOps`` then finds
     nothing left to legalize. Before it, quantizes whose input is provably finite and bounded
     (every int8 layer's epilogue) lose their saturation clamp (:mod:`apq.kernels.requantize_bounds`).
-    After FuseTIR, large depthwise -> pointwise pairs become one PrimFunc
+    After FuseTIR, large depthwise blocks (expand ->) depthwise (-> project) become one PrimFunc
     (:mod:`apq.kernels.fuse_dw_pw`; ``cfg`` None: the target's config).
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from apq.kernels.fuse_dw_pw import fuse_depthwise_pointwise_pass
+    from apq.kernels.fuse_dw_pw import fuse_depthwise_chains_pass
     from apq.kernels.requantize import legalize_map
     from apq.kernels.requantize_bounds import drop_proven_clamps_pass
 
     return (cpu.library_dispatch_passes(target)
             + [drop_proven_clamps_pass(), relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
             + cpu.legalize_passes(target)
-            + [fuse_depthwise_pointwise_pass(cfg or CpuScheduleConfig.for_target(target))])
+            + [fuse_depthwise_chains_pass(cfg or CpuScheduleConfig.for_target(target))])
 
 
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,

@@ -15,47 +15,65 @@ tvm = pytest.importorskip("tvm")
 from test_nhwc_conv import _numpy_nhwc_conv  # noqa: E402
 
 
-def _dw_pw_module(c: int, oc: int, hw: int, stride: int, dw_bias: bool, residual: bool):
-    """Relax: NHWC depthwise 3x3 (+ bias + ReLU6) -> 1x1 conv + bias (+ the input, when shapes
-    allow), as float_layout produces; also the weights for a NumPy reference."""
+def _dw_pw_module(c: int, oc: int, hw: int, stride: int, dw_bias: bool, residual: bool,
+                  expand_from: int = 0, project: bool = True):
+    """Relax: [1x1 expansion from ``expand_from`` channels + bias + ReLU6 ->] NHWC depthwise 3x3
+    (+ bias + ReLU6) [-> 1x1 conv + bias (+ the input, when shapes allow)], as float_layout
+    produces; also a NumPy reference."""
     from tvm import relax
 
-    rng = np.random.default_rng(c + oc + hw + stride)
+    rng = np.random.default_rng(c + oc + hw + stride + expand_from)
+    w0 = (rng.standard_normal((1, 1, max(expand_from, 1), c)) * 0.3).astype("float32")
+    b0 = rng.standard_normal((1, 1, 1, c)).astype("float32")
     w1 = (rng.standard_normal((3, 3, 1, c)) * 0.3).astype("float32")
     b1 = rng.standard_normal((1, 1, 1, c)).astype("float32")
     w2 = (rng.standard_normal((1, 1, c, oc)) * 0.2).astype("float32")
     b2 = rng.standard_normal((1, 1, 1, oc)).astype("float32")
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, hw, hw, c], "float32"))
+    x = relax.Var("x", relax.TensorType([1, hw, hw, expand_from or c], "float32"))
+
+    def relu6(v):
+        return relax.op.minimum(relax.op.maximum(v, relax.const(0.0)), relax.const(6.0))
+
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w1), strides=stride, padding=1, groups=c,
+            y = x
+            if expand_from:
+                y = bb.emit(relax.op.nn.conv2d(y, relax.const(w0), data_layout="NHWC", kernel_layout="HWIO"))
+                y = bb.emit(relu6(relax.op.add(y, relax.const(b0))))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w1), strides=stride, padding=1, groups=c,
                                            data_layout="NHWC", kernel_layout="HWIO"))
             if dw_bias:
-                y = bb.emit(relax.op.add(y, relax.const(b1)))
-                y = bb.emit(relax.op.minimum(relax.op.maximum(y, relax.const(0.0)), relax.const(6.0)))
-            y = bb.emit(relax.op.nn.conv2d(y, relax.const(w2), data_layout="NHWC", kernel_layout="HWIO"))
-            y = bb.emit(relax.op.add(y, relax.const(b2)))
-            if residual:
-                y = bb.emit(relax.op.add(y, x))
+                y = bb.emit(relu6(relax.op.add(y, relax.const(b1))))
+            if project:
+                y = bb.emit(relax.op.nn.conv2d(y, relax.const(w2), data_layout="NHWC", kernel_layout="HWIO"))
+                y = bb.emit(relax.op.add(y, relax.const(b2)))
+                if residual:
+                    y = bb.emit(relax.op.add(y, x))
             y = bb.emit_output(y)
         bb.emit_func_output(y)
 
     def reference(inp: np.ndarray) -> np.ndarray:
-        y = _numpy_nhwc_conv(inp, w1, stride, c)
+        y = np.clip(_numpy_nhwc_conv(inp, w0, 1, 1) + b0, 0.0, 6.0) if expand_from else inp
+        y = _numpy_nhwc_conv(y, w1, stride, c)
         if dw_bias:
             y = np.clip(y + b1, 0.0, 6.0)
+        if not project:
+            return y
         y = _numpy_nhwc_conv(y, w2, 1, 1) + b2
         return y + inp if residual else y
 
     return bb.get(), reference
 
 
-def _cfg(min_bytes: int):
+def _cfg(min_bytes: int, block_bytes: int | None = None):
+    """(target, config) with both fusion thresholds at ``min_bytes``."""
     from apq.kernels.cpu_schedules import CpuScheduleConfig
 
     target = tvm.target.Target("llvm")
-    return target, dataclasses.replace(CpuScheduleConfig.for_target(target), fuse_dw_pw_min_bytes=min_bytes)
+    cfg = dataclasses.replace(CpuScheduleConfig.for_target(target), fuse_dw_pw_min_bytes=min_bytes,
+                              fuse_pw_dw_min_bytes=min_bytes)
+    return target, cfg if block_bytes is None else dataclasses.replace(cfg, fuse_block_bytes=block_bytes)
 
 
 def _prepared(mod, target, cfg):
@@ -83,60 +101,93 @@ def _run(mod, target, cfg, x: np.ndarray, threads: int = 1) -> np.ndarray:
         set_runtime_threads(1)
 
 
-@pytest.mark.parametrize("c,oc,hw,stride,dw_bias,residual", [
-    (32, 16, 24, 1, True, False),    # MobileNetV2's first block
-    (16, 24, 24, 2, True, False),    # stride-2 depthwise
-    (24, 24, 14, 1, True, True),     # residual add in the pointwise epilogue, 14-pixel rows
-    (16, 8, 12, 1, False, False),    # no depthwise epilogue: the conv writes what the 1x1 reads
-])
-def test_merged_kernel_equals_the_two_kernels(c, oc, hw, stride, dw_bias, residual):
-    from apq.kernels.fuse_dw_pw import schedule_depthwise_pointwise
+def _check_merged(mod, reference, x: np.ndarray, convs: int, block_bytes: int | None = None) -> None:
+    """Fused into one PrimFunc of ``convs`` convs that the chain rule schedules; bit-identical to
+    the kernels apart at 1 and 2 threads; within float tolerance of NumPy."""
+    from apq.kernels.fuse_dw_pw import conv_chain, schedule_depthwise_chain
 
-    mod, reference = _dw_pw_module(c, oc, hw, stride, dw_bias, residual)
-    target, fused_cfg = _cfg(0)
+    target, fused_cfg = _cfg(0, block_bytes)
     _, apart_cfg = _cfg(1 << 62)
     merged = _prepared(mod, target, fused_cfg)
     names = _primfunc_names(merged)
-    assert len(names) == 1 and names[0].count("conv2d") == 2, names
+    assert len(names) == 1 and len(conv_chain(merged[names[0]])) == convs, names
     func = merged[names[0]]
-    assert schedule_depthwise_pointwise(tvm.s_tir.Schedule(func), func, fused_cfg)
-    assert len(_primfunc_names(_prepared(mod, target, apart_cfg))) == 2
+    assert schedule_depthwise_chain(tvm.s_tir.Schedule(func), func, fused_cfg)
+    assert len(_primfunc_names(_prepared(mod, target, apart_cfg))) == convs
 
-    x = np.random.default_rng(hw).standard_normal((1, hw, hw, c)).astype("float32")
     together, apart = _run(mod, target, fused_cfg, x), _run(mod, target, apart_cfg, x)
     np.testing.assert_array_equal(together, apart)  # same arithmetic in the same order
     np.testing.assert_allclose(together, reference(x), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(_run(mod, target, fused_cfg, x, threads=2), apart)
 
 
-def test_the_rule_schedules_merged_kernels_only():
-    """The generic rule must never get a merged kernel, and the merged rule no single conv."""
-    from apq.kernels.cpu_schedules import RULES
-    from apq.kernels.fuse_dw_pw import is_depthwise, is_pointwise, schedule_depthwise_pointwise
+@pytest.mark.parametrize("c,oc,hw,stride,dw_bias,residual", [
+    (32, 16, 24, 1, True, False),    # MobileNetV2's first block
+    (16, 24, 24, 2, True, False),    # stride-2 depthwise
+    (24, 24, 14, 1, True, True),     # residual add in the pointwise epilogue, 14-pixel rows
+    (16, 8, 12, 1, False, False),    # no depthwise epilogue: the conv writes what the 1x1 reads
+])
+def test_depthwise_project_kernel_equals_the_two_kernels(c, oc, hw, stride, dw_bias, residual):
+    mod, reference = _dw_pw_module(c, oc, hw, stride, dw_bias, residual)
+    x = np.random.default_rng(hw).standard_normal((1, hw, hw, c)).astype("float32")
+    _check_merged(mod, reference, x, convs=2)
 
-    mod, _ = _dw_pw_module(32, 16, 16, 1, True, False)
+
+@pytest.mark.parametrize("c_in,c,oc,hw,stride,residual,project,block_bytes", [
+    (16, 48, 24, 24, 2, False, True, None),     # MobileNetV2's second block: expand, s2, project
+    (8, 32, 8, 16, 1, True, True, None),        # stride 1 with the residual add
+    (8, 32, 8, 15, 2, False, True, 1),          # one-row blocks: every block has a halo; odd size
+    (8, 32, 8, 16, 1, False, True, 3 * 16 * 32 * 4 * 2),  # 4-row blocks at stride 1
+    (8, 24, 0, 16, 2, False, False, None),      # expand -> depthwise, no project
+])
+def test_expand_depthwise_kernel_equals_the_kernels(c_in, c, oc, hw, stride, residual, project, block_bytes):
+    mod, reference = _dw_pw_module(c, oc or c, hw, stride, True, residual, expand_from=c_in, project=project)
+    x = np.random.default_rng(hw + c).standard_normal((1, hw, hw, c_in)).astype("float32")
+    _check_merged(mod, reference, x, convs=3 if project else 2, block_bytes=block_bytes)
+
+
+def test_rows_per_block_fits_the_budget_with_its_halo():
+    from apq.kernels.fuse_dw_pw import rows_per_block
+
+    row = 112 * 64 * 4  # one expanded 112 px row of 64 floats
+    # 56 stride-2 output rows: 14 need 29 input rows (831 KB), 28 would need 57
+    assert rows_per_block(56, 2, 3, row, 1 << 20) == 14
+    assert rows_per_block(56, 2, 3, row, 512 << 10) == 8
+    assert rows_per_block(56, 1, 3, row, 0) == 1  # nothing fits: one row at a time
+    assert rows_per_block(7, 1, 3, row, 1 << 30) == 7
+
+
+def test_the_rule_schedules_merged_kernels_only():
+    """The generic rule must never get a merged kernel, and the chain rule no single conv."""
+    from apq.kernels.cpu_schedules import RULES
+    from apq.kernels.fuse_dw_pw import conv_chain, schedule_depthwise_chain
+
+    mod, _ = _dw_pw_module(32, 16, 16, 1, True, False, expand_from=8)
     target, apart_cfg = _cfg(1 << 62)
     apart = _prepared(mod, target, apart_cfg)
-    dw_name, pw_name = sorted(_primfunc_names(apart), key=lambda n: "conv2d1" in n)
-    assert is_depthwise(apart[dw_name]) and not is_pointwise(apart[dw_name])
-    assert is_pointwise(apart[pw_name]) and not is_depthwise(apart[pw_name])
-    for name in (dw_name, pw_name):
-        assert not schedule_depthwise_pointwise(tvm.s_tir.Schedule(apart[name]), apart[name], apart_cfg)
-    assert list(RULES).index("dw-pw-nhwc") < list(RULES).index("generic")
+    chains = sorted(conv_chain(apart[name]) for name in _primfunc_names(apart))
+    assert chains == [("dw",), ("pw",), ("pw",)]
+    for name in _primfunc_names(apart):
+        assert not schedule_depthwise_chain(tvm.s_tir.Schedule(apart[name]), apart[name], apart_cfg)
+    assert list(RULES).index("dw-chain-nhwc") < list(RULES).index("generic")
 
 
 def test_only_pairs_that_move_enough_bytes_merge():
-    from apq.kernels.fuse_dw_pw import find_pairs
+    from apq.kernels.fuse_dw_pw import depthwise_project_test, expand_depthwise_test, find_pairs
 
-    mod, _ = _dw_pw_module(32, 16, 24, 1, True, False)
+    mod, _ = _dw_pw_module(32, 16, 24, 1, True, False, expand_from=8)
     target, cfg = _cfg(1 << 62)
     apart = _prepared(mod, target, cfg)
-    moved = 2 * 24 * 24 * 32 * 4  # depthwise input + output, float32
-    assert len(find_pairs(apart, moved)) == 1
-    assert find_pairs(apart, moved + 1) == {}
-    default = dataclasses.replace(cfg, fuse_dw_pw_min_bytes=type(cfg)().fuse_dw_pw_min_bytes)
-    assert default.fuse_dw_pw_min_bytes > moved  # a 24 px pair stays two kernels by default
-    assert len(_primfunc_names(_prepared(mod, target, default))) == 2
+    tensor = 24 * 24 * 32 * 4  # the expanded tensor and the depthwise output, float32
+    at = lambda dw_pw, pw_dw: dataclasses.replace(cfg, fuse_dw_pw_min_bytes=dw_pw, fuse_pw_dw_min_bytes=pw_dw)  # noqa: E731
+    assert len(find_pairs(apart, depthwise_project_test(at(2 * tensor, 0)))) == 1
+    assert find_pairs(apart, depthwise_project_test(at(2 * tensor + 1, 0))) == {}
+    assert len(find_pairs(apart, expand_depthwise_test(at(0, tensor)))) == 1
+    assert find_pairs(apart, expand_depthwise_test(at(0, tensor + 1))) == {}
+    default = type(cfg)()
+    assert default.fuse_dw_pw_min_bytes > 2 * tensor and default.fuse_pw_dw_min_bytes > tensor
+    default_cfg = at(default.fuse_dw_pw_min_bytes, default.fuse_pw_dw_min_bytes)
+    assert len(_primfunc_names(_prepared(mod, target, default_cfg))) == 3  # a 24 px block stays apart
 
 
 def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_float, monkeypatch):
@@ -148,8 +199,8 @@ def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_f
     from apq.toolchain.verify import verify_artifact
 
     derive = CpuScheduleConfig.for_target
-    monkeypatch.setattr(CpuScheduleConfig, "for_target",
-                        staticmethod(lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0)))
+    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
+        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
     res = compile_onnx(mbv2_float, "host", tmp_path / "merged.apq")
     art = open_artifact(res.artifact_path, "host")
     rep = verify_artifact(art, mbv2_float, seed=3)
@@ -162,7 +213,31 @@ def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_f
 
     mod, _, spec = _relax_module(mbv2_float)
     target = spec.tvm()
-    names = _primfunc_names(_prepared(mod, target, CpuScheduleConfig.for_target(target)))
-    merged = [n for n in names if n.count("conv2d") == 2]
-    dw_layers = [layer for layer in layers if layer["geometry"].get("op") == "dwconv"]
-    assert len(merged) >= len(dw_layers) // 2 > 0, names  # identical pairs share one kernel
+    prepared = _prepared(mod, target, CpuScheduleConfig.for_target(target))
+    from apq.kernels.fuse_dw_pw import conv_chain
+
+    chains = [conv_chain(prepared[name]) for name in _primfunc_names(prepared)]
+    assert ("pw", "dw", "pw") in chains and ("dw",) not in chains, chains  # every depthwise conv merged
+
+
+@pytest.mark.qemu
+def test_merged_kernels_run_right_on_aarch64_under_qemu(tmp_path, mbv2_float, monkeypatch):
+    """The merged kernels cross-compiled for a Pi (NEON tiles, 4 cores: parallel row blocks)."""
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+    from apq.targets.qemu import qemu_available
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import compile_onnx
+    from apq.toolchain.verify import verify_artifact
+
+    ok, why = qemu_available()
+    if not ok:
+        pytest.skip(why)
+    derive = CpuScheduleConfig.for_target
+    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
+        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    target = "raspberry-pi/4b-aarch64"
+    art = open_artifact(compile_onnx(mbv2_float, target, tmp_path / "arm.apq").artifact_path, target)
+    rep = verify_artifact(art, mbv2_float, seed=4)
+    assert rep.executed_on == "qemu-aarch64"
+    assert rep.passed and rep.max_abs_err < 1e-4, rep.to_json()
+    assert all(layer["impl"] == "float" for layer in art.manifest["layers"])
