@@ -57,6 +57,13 @@ KNOB_SPACE: dict[str, tuple[dict[str, Any], ...]] = {
         {"per_channel_padding": False},
         {"partition_padding": True},
     ),
+    # rows per expansion block of a merged block (kernels/fuse_dw_pw.py): 8 vs 14 rows measured
+    # within noise on the 224 px MobileNetV2's second block; a merged pair without an expansion
+    # schedules the same under each, so nothing is timed for it
+    "dw-chain-nhwc": (
+        {"fuse_block_bytes": 512 << 10},
+        {"fuse_block_bytes": 2 << 20},
+    ),
     "matmul": (
         {"gemv_stream": False},
         {"vector_bits": 256},

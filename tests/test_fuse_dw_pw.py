@@ -241,3 +241,27 @@ def test_merged_kernels_run_right_on_aarch64_under_qemu(tmp_path, mbv2_float, mo
     assert rep.executed_on == "qemu-aarch64"
     assert rep.passed and rep.max_abs_err < 1e-4, rep.to_json()
     assert all(layer["impl"] == "float" for layer in art.manifest["layers"])
+
+
+def test_rows_per_block_are_a_knob():
+    """Knob tuning times the block sizes of a merged expansion (each variant must compute what the
+    default computes, or time_candidates rejects it) and a merged pair without one times nothing."""
+    from apq.kernels import knob_tuning as kt
+
+    target, cfg = _cfg(0)
+    cfg = dataclasses.replace(cfg, fuse_block_bytes=1 << 20)
+    prefer_variant = lambda funcs, t, c: [1.0] + [0.5] * (len(funcs) - 1)  # noqa: E731
+    # 112 px, 64 expanded channels, stride 2: 28.7 KB per expanded row -> 14, 8, 28 rows per block
+    mod, _ = _dw_pw_module(64, 24, 112, 2, True, False, expand_from=16)
+    [name] = _primfunc_names(merged := _prepared(mod, target, cfg))
+    choice = kt.tune_function(merged[name], name, target, cfg, kt.KnobTuneConfig(), measure=prefer_variant)
+    assert choice.rule == "dw-chain-nhwc" and choice.candidates == 3 and choice.overrides
+    variants = [kt.schedule_with(merged[name], target, kt.variant_config(cfg, over))[0]
+                for over in ({}, *kt.KNOB_SPACE["dw-chain-nhwc"])]
+    times = kt.time_candidates(variants, target, kt.KnobTuneConfig(rounds=1, repeat=1, min_repeat_ms=0))
+    assert all(t is not None for t in times), times
+
+    mod, _ = _dw_pw_module(32, 16, 24, 1, True, False)
+    [name] = _primfunc_names(merged := _prepared(mod, target, cfg))
+    choice = kt.tune_function(merged[name], name, target, cfg, kt.KnobTuneConfig(), measure=prefer_variant)
+    assert choice.rule == "dw-chain-nhwc" and choice.candidates == 1 and not choice.overrides
