@@ -15,10 +15,11 @@ the Relax ``main`` sits in exactly one fused PrimFunc holding one *dot block* (a
 block that reads two operands besides its accumulator); pooling and means read one. The
 final ``main`` calls those PrimFuncs in program order (identical layers share one PrimFunc
 and are called twice), the same order :func:`apq.toolchain.layers.describe_layers` lists its
-records in, so the k-th dot call is the k-th record. The one exception, a depthwise conv
-merged with the pointwise conv after it (kernels/fuse_dw_pw.py), holds two dot blocks writing
-two accumulators and counts as two layers, in block order. When the counts disagree the mapping
-is not trusted and every layer reports ``unknown`` rather than a guess.
+records in, so the k-th dot call is the k-th record. The one exception, a merged MobileNet
+block (kernels/fuse_dw_pw.py: [expand ->] depthwise [-> project]), holds one dot block per conv,
+each writing its own accumulator, and counts as one layer per accumulator, in block order. When
+the counts disagree the mapping is not trusted and every layer reports ``unknown`` rather than
+a guess.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def _dot_layers(func: Any) -> list[tuple[str, Any]]:
     """``(impl, output buffer)`` per layer of a scheduled PrimFunc, in program order.
 
     Dot blocks are grouped by the buffer they write: a schedule may split one conv into several
-    blocks (a partitioned loop), all writing its accumulator; a merged depthwise -> pointwise
-    kernel (kernels/fuse_dw_pw.py) writes two accumulators, one per layer.
+    blocks (a partitioned loop), all writing its accumulator; a merged MobileNet block
+    (kernels/fuse_dw_pw.py) writes one accumulator per conv, one per layer.
     """
     import tvm_ffi
     from tvm import s_tir
