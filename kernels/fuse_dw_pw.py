@@ -10,7 +10,7 @@ process):
 
 - depthwise -> project, one row at a time: 112 px dw32 -> pw16 275 -> 203 us, 112 px stride-2
   dw64 -> pw24 334 -> 264 us, 56 px dw96 -> pw24 331 -> 318 us; pairs whose tensors fit in L2
-  gained nothing or lost up to ~10% (28 and 14 px).
+  (28 and 14 px) ranged from 14% faster to 46% slower merged, most of them slower.
 - expand -> depthwise, the expansion computed per block of depthwise output rows (the rows a
   block needs, its halo rows computed twice): 112 px pw16 -> 64 -> stride-2 dw 372 -> 276 us with
   8-row blocks, 436 -> 280 us with 14; at 56 px (stride 1, 1.2 MB expanded) 190 -> 196 and
