@@ -71,14 +71,16 @@ def interleaved(apq_fn, ort_fn, cfg, threads: int, clock, rounds: int) -> tuple[
 
 
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],
-                cfg, work: Path, clock: str = "wall", rounds: int = 1, layout: str = "NHWC") -> list[dict]:
+                cfg, work: Path, clock: str = "wall", rounds: int = 1, layout: str = "NHWC",
+                fuse_blocks: bool = True) -> list[dict]:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import CompileOptions, compile_onnx
     from apq.toolchain.verify import ort_session
 
     option = "float_layout" if precision == "float32" else "int8_layout"
-    res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}_{layout}.apq",
-                       options=CompileOptions(**{option: layout}))
+    res = compile_onnx(onnx_path, "host", work / f"{onnx_path.stem}_{layout}_{int(fuse_blocks)}.apq",
+                       options=CompileOptions(**{option: layout}, fuse_blocks=fuse_blocks))
+    variant = layout if fuse_blocks else f"{layout}-unfused"
     art = open_artifact(res.artifact_path)
     x = art.random_inputs(0)
     kernels = sorted({lay["kernel"] for lay in art.manifest["layers"]})
@@ -91,11 +93,11 @@ def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, thr
         apq_ms, ort_ms, speedup, apq = interleaved(run, lambda: sess.run(None, feed), cfg, threads,
                                                     CLOCKS[used], rounds)
         records.append({"model": name, "precision": precision, "resolution": resolution, "threads": threads,
-                        "layout": layout, "batch": 1, "apq_ms": round(apq_ms, 4), "ort_ms": round(ort_ms, 4),
+                        "layout": layout, "fuse_blocks": fuse_blocks, "batch": 1, "apq_ms": round(apq_ms, 4), "ort_ms": round(ort_ms, 4),
                         "speedup": round(speedup, 4), "rounds": rounds, "compile_s": round(res.compile_s, 2),
                         "apq_kernels": kernels, "source": "measured", "device": apq.device,
                         "clock": "thread-cpu" if used == "thread" else "wall"})
-        print(f"# {name} {precision} {layout} {resolution}px {threads}t ({used} clock, {rounds} rounds): apq {apq_ms:.3f} ms, "
+        print(f"# {name} {precision} {variant} {resolution}px {threads}t ({used} clock, {rounds} rounds): apq {apq_ms:.3f} ms, "
               f"ort {ort_ms:.3f} ms, speedup {speedup:.3f}", file=sys.stderr)
     return records
 
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile the float model with each of these conv layouts (CompileOptions.float_layout)")
     ap.add_argument("--int8-layouts", nargs="+", choices=["NHWC", "NCHW"], default=["NHWC"],
                     help="compile the int8 model with each of these layouts (CompileOptions.int8_layout)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also compile the float model with every conv as its own kernel "
+                         "(CompileOptions.fuse_blocks=False), to see what merging depthwise blocks buys")
     args = ap.parse_args(argv)
     cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=5)
     records: list[dict] = []
@@ -127,17 +132,19 @@ def main(argv: list[str] | None = None) -> int:
             fp = mobilenetv2_onnx(work / f"mbv2_{r}.onnx", resolution=r, width=args.width, classes=1000 if r >= 224 else 10)
             q = quantize_qdq(fp, work / f"mbv2_{r}_int8.onnx", per_channel=True)
             for layout in args.float_layouts:
-                records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock,
-                                       args.rounds, layout)
+                for fuse in (True, False) if args.unfused else (True,):
+                    records += bench_model("mobilenetv2-style", "float32", r, fp, args.threads, cfg, work, args.clock,
+                                           args.rounds, layout, fuse)
             for layout in args.int8_layouts:
                 records += bench_model("mobilenetv2-style", "int8-qdq", r, q, args.threads, cfg, work, args.clock,
                                        args.rounds, layout)
     if args.json:
         print(json.dumps(records, indent=2))
     else:
-        print(f"{'model':<20} {'precision':<16} {'res':>4} {'thr':>3} {'apq_ms':>9} {'ort_ms':>9} {'speedup':>8} {'compile_s':>9}")
+        print(f"{'model':<20} {'precision':<22} {'res':>4} {'thr':>3} {'apq_ms':>9} {'ort_ms':>9} {'speedup':>8} {'compile_s':>9}")
         for rec in records:
-            print(f"{rec['model']:<20} {rec['precision'] + '/' + rec['layout']:<16} {rec['resolution']:>4} {rec['threads']:>3} "
+            tag = rec["layout"] + ("" if rec["fuse_blocks"] else "-unfused")
+            print(f"{rec['model']:<20} {rec['precision'] + '/' + tag:<22} {rec['resolution']:>4} {rec['threads']:>3} "
                   f"{rec['apq_ms']:>9.3f} {rec['ort_ms']:>9.3f} {rec['speedup']:>8.3f} {rec['compile_s']:>9.1f}")
     return 0
 

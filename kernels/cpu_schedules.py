@@ -116,7 +116,8 @@ class CpuScheduleConfig:
     bytes: 2 MiB, this host's L2. Smaller pairs were mostly slower fused (up to 46% at 14 px).
     ``fuse_pw_dw_min_bytes``: the same for a pointwise (expansion) conv and the depthwise conv
     reading it, on the expanded tensor's size; ``fuse_block_bytes``: most bytes of expanded rows
-    one block of that fused kernel computes (halo included): half the L2.
+    one block of that fused kernel computes (halo included): half the L2. ``fuse_blocks``: False
+    merges nothing (``apq compile --no-fuse-blocks``, for comparison).
     """
 
     vector_bits: int = 128
@@ -135,6 +136,7 @@ class CpuScheduleConfig:
     fuse_dw_pw_min_bytes: int = 2 << 20
     fuse_pw_dw_min_bytes: int = 2 << 20
     fuse_block_bytes: int = 1 << 20
+    fuse_blocks: bool = True
 
     def lanes(self, dtype_bits: int) -> int:
         """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""

@@ -261,7 +261,9 @@ def expand_depthwise_test(cfg: CpuScheduleConfig) -> PairTest:
 
 def fuse_depthwise_chains(mod: Any, cfg: CpuScheduleConfig) -> Any:
     """Depthwise -> project pairs, then expand -> depthwise(-project) pairs, merged where the
-    rule schedules the result (module docstring)."""
+    rule schedules the result (module docstring). Nothing when ``cfg.fuse_blocks`` is off."""
+    if not cfg.fuse_blocks:
+        return mod
     for test in (depthwise_project_test(cfg), expand_depthwise_test(cfg)):
         mod = _merge_schedulable(mod, find_pairs(mod, test), cfg)
     return mod

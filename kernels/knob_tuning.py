@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from apq.kernels.interleaved import interleaved_samples
+from apq.kernels.pipeline import fused_module
 from apq.kernels.cpu_schedules import RULES, CpuScheduleConfig
 from apq.toolchain.errors import InvalidInputError
 
@@ -407,16 +408,6 @@ def time_candidates(funcs: list[Any], target: Any, cfg: KnobTuneConfig, seed: in
 
 
 # --------------------------------------------------------------------------- tuning
-
-
-def fused_module(mod: Any, target: Any) -> Any:
-    """``mod`` after the build's dispatch/legalize/fuse passes: the PrimFuncs the build schedules."""
-    import tvm
-
-    from apq.kernels.pipeline import prepare_passes
-
-    with target:
-        return tvm.transform.Sequential(prepare_passes(target))(mod)
 
 
 def tune_function(func: Any, name: str, target: Any, base: CpuScheduleConfig, cfg: KnobTuneConfig,

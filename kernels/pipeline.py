@@ -49,6 +49,15 @@ def prepare_passes(target: Any, cfg: CpuScheduleConfig | None = None) -> list[An
             + [fuse_depthwise_chains_pass(cfg or CpuScheduleConfig.for_target(target))])
 
 
+def fused_module(mod: Any, target: Any, cfg: CpuScheduleConfig | None = None) -> Any:
+    """``mod`` after :func:`prepare_passes`: the PrimFuncs the build schedules (what knob tuning
+    and MetaSchedule tune). ``cfg`` None: the target's config."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(prepare_passes(target, cfg))(mod)
+
+
 def relax_pipeline(target: Any, cfg: CpuScheduleConfig | None = None, schedule: bool = True,
                    database: Any | None = None, knobs: dict[str, dict[str, Any]] | None = None,
                    prepared: bool = False) -> Any:

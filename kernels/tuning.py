@@ -174,16 +174,6 @@ def _locked(d: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fused_module(mod: Any, target: Any) -> Any:
-    """The module after apq's dispatch/legalize/fuse passes: the PrimFuncs the build schedules."""
-    import tvm
-
-    from apq.kernels.pipeline import prepare_passes
-
-    with target:
-        return tvm.transform.Sequential(prepare_passes(target))(mod)
-
-
 def _tasks(fused: Any, target: Any) -> list[Any]:
     """MetaSchedule tasks of the fused module, minus PrimFuncs apq already scheduled by hand."""
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
@@ -196,7 +186,7 @@ def _tasks(fused: Any, target: Any) -> list[Any]:
 
 
 def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None = None,
-                progress: bool = True) -> tuple[Any, TuneReport]:
+                progress: bool = True, schedule_cfg: Any = None) -> tuple[Any, TuneReport]:
     """Tune ``mod``'s fused PrimFuncs for ``target``; returns (database of the chosen records, report).
 
     Three steps under the target database's lock: (1) MetaSchedule searches the tasks that have
@@ -205,14 +195,18 @@ def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None =
     in-memory database holds only the records that won by ``cfg.min_gain``, so applying it can
     replace a PrimFunc only with a faster one. Recompiling the same model runs no trials and
     measures nothing. ``target`` is a ``tvm.target.Target`` (LLVM CPU; candidates run here).
+    ``schedule_cfg``: the build's CpuScheduleConfig (None: the target's), so the tasks are the
+    PrimFuncs the build fuses (e.g. with ``fuse_blocks`` off).
     """
+    from apq.kernels.pipeline import fused_module
+
     cfg.validate()
     t0 = time.perf_counter()
     d = database_dir(target, cache_dir)
     with _locked(d):
         db = open_database(target, cache_dir)
         before = count_records(db)
-        tasks = _tasks(fused_module(mod, target), target)
+        tasks = _tasks(fused_module(mod, target, schedule_cfg), target)
         book = load_choices(d)
         missing = [t for t in tasks if workload_key(t.dispatched[0]) not in book
                    and db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
@@ -314,19 +308,21 @@ def tunable(spec: Any) -> bool:
 
 
 def tune_for_target(mod: Any, spec: Any, cfg: TuneConfig, cache_dir: Path | None = None,
-                    progress: bool = True) -> tuple[Any, TuneReport]:
+                    progress: bool = True, schedule_cfg: Any = None) -> tuple[Any, TuneReport]:
     """``tune_module`` for an apq TargetSpec, refusing targets whose code cannot run here."""
     if not tunable(spec):
         raise InvalidInputError(f"cannot tune for target {spec.name}: MetaSchedule times candidates on this "
                                 "machine, so tuning needs a native LLVM CPU target (e.g. host)")
-    return tune_module(mod, spec.tvm(), cfg, cache_dir, progress)
+    return tune_module(mod, spec.tvm(), cfg, cache_dir, progress, schedule_cfg)
 
 
-def tuned_functions(mod: Any, target: Any, db: Any) -> list[str]:
+def tuned_functions(mod: Any, target: Any, db: Any, schedule_cfg: Any = None) -> list[str]:
     """Names of the fused PrimFuncs the database replaces in ``mod`` (what the build will run tuned)."""
     from tvm import relax, tirx
 
-    fused = fused_module(mod, target)
+    from apq.kernels.pipeline import fused_module
+
+    fused = fused_module(mod, target, schedule_cfg)
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(fused)
 

@@ -265,3 +265,38 @@ def test_rows_per_block_are_a_knob():
     [name] = _primfunc_names(merged := _prepared(mod, target, cfg))
     choice = kt.tune_function(merged[name], name, target, cfg, kt.KnobTuneConfig(), measure=prefer_variant)
     assert choice.rule == "dw-chain-nhwc" and choice.candidates == 1 and not choice.overrides
+
+
+def test_no_fuse_blocks_builds_every_conv_as_its_own_kernel(tmp_path, mbv2_float, monkeypatch, capsys):
+    """``apq compile --no-fuse-blocks`` reaches the build: with merging forced on (thresholds 0)
+    the default build has merged kernels, the switched-off one none, and both pair every layer."""
+    import json
+
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+    from apq.targets.registry import get_target
+    from apq.toolchain.cli import compile_main
+    from apq.toolchain.compile import CompileOptions, build_library_traced, schedule_config
+    from test_cpu_schedules import _relax_module
+
+    derive = CpuScheduleConfig.for_target
+    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
+        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    spec = get_target("host")
+    mod, _, _ = _relax_module(mbv2_float)
+    calls = {}
+    for on in (True, False):
+        sched_cfg = schedule_config(spec, CompileOptions(fuse_blocks=on))
+        assert (sched_cfg is None) == on
+        (tmp_path / str(on)).mkdir()
+        _, calls[on] = build_library_traced(mod, spec, tmp_path / str(on), schedule_cfg=sched_cfg)
+    merged = {on: {c.function for c in calls[on] if c.function.count("conv2d") > 1} for on in calls}
+    assert merged[True] and not merged[False]
+    assert len(calls[True]) == len(calls[False])  # one call per layer either way
+
+    out = tmp_path / "off.apq"
+    assert compile_main([str(mbv2_float), "-o", str(out), "--no-fuse-blocks", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"] and all(layer["impl"] == "float" for layer in report["layers"])
+    from apq.toolchain.artifact import open_artifact
+
+    assert open_artifact(out, "host").manifest["compile"]["options"]["fuse_blocks"] is False

@@ -18,11 +18,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from apq.kernels import tuning_choice
+from apq.kernels.pipeline import fused_module
 from apq.kernels.tuning import (
     TuneConfig,
     count_records,
     database_dir,
-    fused_module,
     open_database,
     target_key,
     tune_for_target,

@@ -75,6 +75,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knob-tune", action="store_true",
                    help="tune apq's schedule knobs per kernel (seconds per kernel, timed here: host target "
                         "only; choices cached per target under $APQ_CACHE_DIR/knobs, a recompile times nothing)")
+    p.add_argument("--no-fuse-blocks", action="store_true",
+                   help="build every conv as its own kernel instead of merging large depthwise blocks "
+                        "(expand -> depthwise -> project) into one (for comparison)")
     p.add_argument("--float-layout", choices=["NHWC", "NCHW"], default="NHWC",
                    help="activation layout of float convs on CPU targets (NHWC: apq's channel-vector schedules; "
                         "NCHW: the ONNX layout). Integer graphs: --int8-layout")
@@ -96,7 +99,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled()}[args.bitserial]
     options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy,
                              tune_trials=args.tune_trials, knob_tune=args.knob_tune, float_layout=args.float_layout,
-                             int8_layout=args.int8_layout)
+                             int8_layout=args.int8_layout, fuse_blocks=not args.no_fuse_blocks)
     res = compile_onnx(args.model, args.target, args.output, _shapes(args.input_shape), options,
                        progress=not args.json)
     report: dict[str, Any] = res.to_json()
