@@ -979,6 +979,27 @@ def choose_tile(geo: dict[str, int], lanes: int, accumulators: int) -> tuple[int
     return best[1]
 
 
+def tile_nhwc_conv(sch: Any, conv: Any, outer: list[Any], geo: dict[str, int],
+                   cfg: CpuScheduleConfig) -> tuple[Any, Any, Any, int]:
+    """The channel-vector x pixel register tile of an NHWC conv block (:func:`choose_tile`): its
+    last five loops ``(x, f, ry, rx, rc)`` split and ordered after ``outer`` as
+    ``outer, xo, fo, ry, rx, rc, xi, fvi, fl``, the tile unrolled and its lanes vectorized.
+    Returns ``(xo, fo, ry, f_t)``: the pixel-tile loop, the channel-tile loop (where the epilogue
+    goes), the first reduction loop and the channels per vector."""
+    x, f, ry, rx, rc = sch.get_loops(conv)[-5:]
+    f_t, fv, w_t = choose_tile(geo, cfg.lanes(32), cfg.accumulators)
+    fo, fvi, fl = sch.split(f, [None, fv, f_t])
+    xo, xi = sch.split(x, [None, w_t])
+    sch.reorder(*outer, xo, fo, ry, rx, rc, xi, fvi, fl)
+    if geo["kh"] * geo["kw"] <= cfg.max_unrolled_taps:
+        sch.unroll(ry)
+        sch.unroll(rx)
+    sch.unroll(xi)
+    sch.unroll(fvi)
+    sch.vectorize(fl)
+    return xo, fo, ry, f_t
+
+
 class Conv2dNHWCRule(_LazyRule):
     """Float NHWC/HWIO conv2d: channel vectors x pixels register tile (module docstring)."""
 
@@ -995,22 +1016,12 @@ class Conv2dNHWCRule(_LazyRule):
         # channel vector, and a materialized padded copy cost more than the checks (measured on
         # a 96-channel 56x56 depthwise conv: 158 us inlined, 249 us with the copy).
         inline_elementwise(sch, func, keep=[conv])
-        lanes = cfg.lanes(32)
-        f_t, fv, w_t = choose_tile(geo, lanes, cfg.accumulators)
         acc = Conv2dNCHWRule._accumulator(sch, func, conv)
-        n, y, x, f, ry, rx, rc = sch.get_loops(acc)
-        fo, fvi, fl = sch.split(f, [None, fv, f_t])
-        xo, xi = sch.split(x, [None, w_t])
-        sch.reorder(n, y, xo, fo, ry, rx, rc, xi, fvi, fl)
+        n, y = sch.get_loops(acc)[:2]
+        xo, fo, ry, f_t = tile_nhwc_conv(sch, acc, [n, y], geo, cfg)
         outer = sch.fuse(n, y, xo)
         if worth_parallel(cfg, _block_iterations(sch, acc), "depthwise_mac" if geo["depthwise"] else "mac"):
             sch.parallel(outer)
-        if geo["kh"] * geo["kw"] <= cfg.max_unrolled_taps:
-            sch.unroll(ry)
-            sch.unroll(rx)
-        sch.unroll(xi)
-        sch.unroll(fvi)
-        sch.vectorize(fl)
         _finish_tiled_reduction(sch, func, cfg, acc, ry, fo, f_t)
         return True
 

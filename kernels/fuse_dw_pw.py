@@ -50,10 +50,10 @@ from apq.kernels.cpu_schedules import (
     _blocks,
     _has_if_then_else,
     _iter_kinds,
-    choose_tile,
+    _tile_consumer,
     inline_elementwise,
     nhwc_geometry,
-    vectorize_by_divisor,
+    tile_nhwc_conv,
     worth_parallel,
 )
 
@@ -269,14 +269,13 @@ def fuse_depthwise_chains(mod: Any, cfg: CpuScheduleConfig) -> Any:
     return mod
 
 
-def fuse_depthwise_chains_pass(cfg: CpuScheduleConfig | None = None) -> Any:
-    """Module pass form of :func:`fuse_depthwise_chains` (``cfg`` None: from the target in scope)."""
+def fuse_depthwise_chains_pass(cfg: CpuScheduleConfig) -> Any:
+    """Module pass form of :func:`fuse_depthwise_chains` (kernels/pipeline.py ``prepare_passes``)."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="ApqFuseDepthwiseChains")
     def _pass(mod: Any, _ctx: Any) -> Any:
-        config = cfg or CpuScheduleConfig.for_target(tvm.target.Target.current())
-        return fuse_depthwise_chains(mod, config)
+        return fuse_depthwise_chains(mod, cfg)
 
     return _pass
 
@@ -284,29 +283,11 @@ def fuse_depthwise_chains_pass(cfg: CpuScheduleConfig | None = None) -> Any:
 # --------------------------------------------------------------------------- the schedule
 
 
-def _tile_conv(sch: Any, conv: Any, outer: list[Any], geo: dict[str, int], cfg: CpuScheduleConfig) -> tuple[Any, Any]:
-    """Conv2dNHWCRule's register tile on the loops ``outer`` + (x, f, ry, rx, rc) of ``conv``;
-    returns (the channel-vector loop the epilogue goes to, the first reduction loop)."""
-    lanes = cfg.lanes(32)
-    x, f, ry, rx, rc = sch.get_loops(conv)[-5:]
-    f_t, fv, w_t = choose_tile(geo, lanes, cfg.accumulators)
-    fo, fvi, fl = sch.split(f, [None, fv, f_t])
-    xo, xi = sch.split(x, [None, w_t])
-    sch.reorder(*outer, xo, fo, ry, rx, rc, xi, fvi, fl)
-    if geo["kh"] * geo["kw"] <= cfg.max_unrolled_taps:
-        sch.unroll(ry)
-        sch.unroll(rx)
-    sch.unroll(xi)
-    sch.unroll(fvi)
-    sch.vectorize(fl)
-    return fo, ry
-
-
-def _finish(sch: Any, conv: Any, epilogue: Any | None, tile_loop: Any, reduce_loop: Any, lanes: int) -> None:
-    """Epilogue per register tile (vectorized), zero-init split off (vectorized)."""
-    if epilogue is not None:
-        sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=False)
-        vectorize_by_divisor(sch, sch.get_loops(epilogue)[-1], lanes)
+def _finish(sch: Any, func: Any, conv: Any, with_epilogue: bool, tile_loop: Any, reduce_loop: Any, lanes: int) -> None:
+    """Epilogue (``conv``'s one consumer) per register tile, vectorized; zero-init split off,
+    vectorized."""
+    if with_epilogue:
+        _tile_consumer(sch, func, conv, tile_loop, lanes)
     init = sch.decompose_reduction(conv, reduce_loop)
     sch.vectorize(sch.get_loops(init)[-1])
 
@@ -328,7 +309,7 @@ def _materialized(sch: Any, producer: Any, consumer: Any) -> Any | None:
             last = block
 
 
-def _compute_at(sch: Any, conv: Any, mid: Any, loop: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> None:
+def _compute_at(sch: Any, func: Any, conv: Any, mid: Any, loop: Any, geo: dict[str, int], cfg: CpuScheduleConfig) -> None:
     """Compute ``conv`` (and its epilogue ``mid``) where ``loop`` needs it, register-tiled."""
     has_epilogue = sch.get(mid).name_hint != sch.get(conv).name_hint
     if has_epilogue:
@@ -337,8 +318,8 @@ def _compute_at(sch: Any, conv: Any, mid: Any, loop: Any, geo: dict[str, int], c
     sch.compute_at(conv, loop, preserve_unit_loops=True)
     if has_epilogue:
         sch.set_scope(conv, 0, "local")
-    fo, ry = _tile_conv(sch, conv, [], geo, cfg)
-    _finish(sch, conv, mid if has_epilogue else None, fo, ry, cfg.lanes(32))
+    _, fo, ry, _ = tile_nhwc_conv(sch, conv, [], geo, cfg)
+    _finish(sch, func, conv, has_epilogue, fo, ry, cfg.lanes(32))
 
 
 def rows_per_block(out_rows: int, stride: int, kh: int, in_row_bytes: int, budget: int) -> int:
@@ -382,14 +363,14 @@ def schedule_depthwise_chain(sch: Any, func: Any, cfg: CpuScheduleConfig) -> boo
     else:
         outer = row = sch.fuse(n, y)
         inner = [row]
-    fo, ry = _tile_conv(sch, last, inner, g_last, cfg)
+    _, fo, ry, _ = tile_nhwc_conv(sch, last, inner, g_last, cfg)
     if worth_parallel(cfg, work, "mac"):
         sch.parallel(outer)
-    _finish(sch, last, sch.get_consumers(last)[0], fo, ry, lanes)
+    _finish(sch, func, last, True, fo, ry, lanes)
     if project is not None:
-        _compute_at(sch, dw, mid_dw, row, g_dw, cfg)
+        _compute_at(sch, func, dw, mid_dw, row, g_dw, cfg)
     if expand is not None:
-        _compute_at(sch, expand, mid_expand, outer, g_expand, cfg)
+        _compute_at(sch, func, expand, mid_expand, outer, g_expand, cfg)
     return True
 
 
