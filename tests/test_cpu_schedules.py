@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 
 import numpy as np
 import pytest
@@ -136,8 +135,11 @@ def test_every_conv_and_matmul_gets_its_rule(mbv2_float, mbv2_qdq):
         assert gathers == ([] if options.get("int8_layout") == "NCHW" else ["im2col"]), chosen
 
 
-def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
-    """One integer pointwise conv (with its requantize epilogue): scheduled must beat naive."""
+def test_scheduled_conv_is_parallel_vectorized_and_exact(mbv2_qdq):
+    """One integer pointwise conv (with its requantize epilogue): the NCHW rule must parallelize and
+    vectorize it and compute exactly what the unscheduled PrimFunc computes. How much faster it
+    runs is a benchmark (bench/schedule_vs_default.py), not a test: wall time on a shared machine
+    is not a correctness property."""
     from tvm import s_tir
 
     from apq.kernels.cpu_schedules import Conv2dNCHWRule, CpuScheduleConfig
@@ -148,7 +150,6 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
     # parallel loops are only emitted above min_parallel_work (a region costs ~1 us at 2 threads,
     # see CpuScheduleConfig); lower it so this small model's conv must get one
     cfg = dataclasses.replace(CpuScheduleConfig.for_target(target), min_parallel_work=1)
-    # the biggest integer conv (most MACs) gives a stable timing
     name, func = max(((gv.name_hint, f) for gv, f in fused.functions_items()
                       if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint),
                      key=lambda kv: sum(int(np.prod([int(s) for s in p.shape])) for p in kv[1].params))
@@ -161,21 +162,14 @@ def test_scheduled_conv_is_parallel_vectorized_and_faster(mbv2_qdq):
     rng = np.random.default_rng(0)
     args = [(rng.integers(-50, 50, [int(s) for s in p.shape]) if "int" in str(p.dtype)
              else rng.standard_normal([int(s) for s in p.shape])).astype(str(p.dtype)) for p in func.params]
-    times, outs = {}, {}
+    outs = {}
     for label, f in (("naive", func), ("apq", sch.mod["main"])):
         lib = tvm.compile(tvm.IRModule({"main": f}), target).jit()
         targs = [tvm.runtime.tensor(a) for a in args]
         lib["main"](*targs)
         outs[label] = targs[-1].numpy()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(5):
-                lib["main"](*targs)
-            best = min(best, (time.perf_counter() - t0) / 5)
-        times[label] = best
+    assert np.any(outs["naive"] != outs["naive"].flat[0]), "degenerate output: the comparison would be vacuous"
     np.testing.assert_array_equal(outs["apq"], outs["naive"])
-    assert times["apq"] * 2 < times["naive"], (name, times)
 
 
 def _depthwise_module(channels: int, hw: int, stride: int, dtype: str):
