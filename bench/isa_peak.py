@@ -21,6 +21,13 @@ STREAM run), not kernels apq ships: apq's kernels are TVM TensorIR (kernels/). T
 ``binary_macs_per_s / (wb * ab) / int8_macs_per_s``: a real kernel also pays loads of the weight
 planes, bit-packing of activations and the requantize epilogue, so it can only be slower.
 Reported figures are measurements of this machine (``source: measured``), nothing is assumed.
+
+Where the CPU has AMX (``amx_int8``: Sapphire Rapids and later), a third loop times ``tdpbusd``
+(one 16x16 int32 tile += 16x64 u8 . 64x16 s8 per instruction, four independent accumulator
+tiles) after asking the kernel for tile-data permission (``arch_prctl(ARCH_REQ_XCOMP_PERM)``).
+apq's kernels do not use AMX: the record says how far above VNNI the int8 ceiling of this core
+really is (``amx_int8_gops``, ``amx_vs_vnni``), so the bit-serial ceilings are read against the
+right int8.
 """
 
 from __future__ import annotations
@@ -193,6 +200,50 @@ int main(int argc, char **argv) {
 """
 
 
+AMX_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+int main(int argc, char **argv) {
+  double seconds = argc > 1 ? atof(argv[1]) : 0.5;
+  if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) return 3;  /* no permission */
+  tile_config cfg; memset(&cfg, 0, sizeof cfg); cfg.palette = 1;
+  for (int t = 0; t < 6; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+  static uint8_t a[16 * 64]; static int8_t b[16 * 64];
+  for (int i = 0; i < 16 * 64; ++i) { a[i] = (uint8_t)(i * 37 + 11); b[i] = (int8_t)(i * 91 + 5); }
+  _tile_loadd(4, a, 64); _tile_loadd(5, b, 64);
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    long iters = 1 << 12;
+    for (;;) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      double t0 = now();
+      for (long i = 0; i < iters; ++i) {  /* four independent accumulator tiles */
+        _tile_dpbusd(0, 4, 5); _tile_dpbusd(1, 4, 5); _tile_dpbusd(2, 4, 5); _tile_dpbusd(3, 4, 5);
+      }
+      double dt = now() - t0;
+      if (dt >= seconds / 5) { if (dt / iters < best) best = dt / iters; break; }
+      iters *= 2;
+    }
+  }
+  int32_t c[16 * 16]; _tile_stored(0, c, 64); _tile_release();
+  printf("{\"amx_int8_macs_per_s\": %.6e, \"check\": %d}\n", 4 * 16.0 * 16 * 64 / best, c[0]);
+  return 0;
+}
+"""
+
+
 class MeasureError(RuntimeError):
     """Why nothing could be measured (printed as one line, exit 2)."""
 
@@ -236,6 +287,24 @@ def measure(seconds: float) -> dict[str, float]:
     return json.loads(out)
 
 
+def measure_amx(seconds: float) -> float | None:
+    """AMX ``tdpbusd`` int8 MACs per second on one core, or None where the CPU, the compiler or
+    the kernel (tile-data permission) does not allow AMX."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None or "amx_int8" not in cpu_flags():
+        return None
+    with tempfile.TemporaryDirectory(prefix="apq-isa-") as tmp:
+        src, exe = Path(tmp) / "amx.c", Path(tmp) / "amx"
+        src.write_text(AMX_SOURCE)
+        if subprocess.run([cc, "-O2", "-mamx-tile", "-mamx-int8", str(src), "-o", str(exe)],
+                          capture_output=True, text=True).returncode != 0:
+            return None
+        ran = subprocess.run([str(exe), str(seconds)], capture_output=True, text=True)
+        if ran.returncode != 0:
+            return None
+        return float(json.loads(ran.stdout)["amx_int8_macs_per_s"])
+
+
 def ceilings(rates: dict[str, float]) -> list[dict[str, float | int | str]]:
     """Best possible speedup of AND+popcount bit-serial over VNNI int8 for each bit pair."""
     int8 = rates["vnni_int8_macs_per_s"]
@@ -269,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         "and_popcnt256_binary_gops": round(2 * rates["and_popcnt256_binary_macs_per_s"] / 1e9, 1),
         "ceilings": ceilings(rates),
     }
+    amx = measure_amx(args.seconds)
+    if amx is not None:
+        record["amx_int8_gops"] = round(2 * amx / 1e9, 1)
+        record["amx_vs_vnni"] = round(amx / rates["vnni_int8_macs_per_s"], 2)
     if args.json:
         print(json.dumps(record))
     else:
@@ -277,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
               "(1 thread)")
         for r in record["ceilings"]:
             print(f"  W{r['w_bits']}A{r['a_bits']}: at most {r['ceiling_speedup_vs_vnni_int8']}x VNNI int8")
+        if "amx_int8_gops" in record:
+            print(f"  AMX int8 (tdpbusd, not used by apq's kernels): {record['amx_int8_gops']} GOPS, "
+                  f"{record['amx_vs_vnni']}x VNNI")
     return 0
 
 

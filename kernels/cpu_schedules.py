@@ -25,7 +25,7 @@ never fails to compile because of a schedule.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable
 
 from apq.kernels.padded_copy import partition_padded_copy
@@ -116,8 +116,10 @@ class CpuScheduleConfig:
     bytes: 2 MiB, this host's L2. Smaller pairs were mostly slower fused (up to 46% at 14 px).
     ``fuse_pw_dw_min_bytes``: the same for a pointwise (expansion) conv and the depthwise conv
     reading it, on the expanded tensor's size; ``fuse_block_bytes``: most bytes of expanded rows
-    one block of that fused kernel computes (halo included): half the L2. ``fuse_blocks``: False
-    merges nothing (``apq compile --no-fuse-blocks``, for comparison).
+    one block of that fused kernel computes (halo included): half the L2. A build sets all three
+    from its target's L2 per core (:meth:`with_l2_cache`); these defaults are that rule on the
+    development host. ``fuse_blocks``: False merges nothing (``apq compile --no-fuse-blocks``,
+    for comparison).
     """
 
     vector_bits: int = 128
@@ -137,6 +139,20 @@ class CpuScheduleConfig:
     fuse_pw_dw_min_bytes: int = 2 << 20
     fuse_block_bytes: int = 1 << 20
     fuse_blocks: bool = True
+
+    def with_l2_cache(self, l2_bytes: int | None) -> "CpuScheduleConfig":
+        """The block-merging thresholds for a target whose worker threads each keep ``l2_bytes``
+        of L2 (``TargetSpec.l2_cache_bytes``; None: unchanged).
+
+        The rule is the one measured on the development host (2 MiB L2 per core, where it gives
+        exactly the defaults): merging pays once a pair's tensors no longer fit the L2, and one
+        block of a merged kernel should use at most half of it. Elsewhere the rule is applied,
+        not re-measured (a Raspberry Pi's 256-512 KiB come from its datasheet; no board here).
+        """
+        if not l2_bytes:
+            return self
+        return replace(self, fuse_dw_pw_min_bytes=l2_bytes, fuse_pw_dw_min_bytes=l2_bytes,
+                       fuse_block_bytes=max(1, l2_bytes // 2))
 
     def lanes(self, dtype_bits: int) -> int:
         """Elements of ``dtype_bits`` in one SIMD register (at least 1)."""

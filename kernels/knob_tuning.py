@@ -446,13 +446,16 @@ def tune_function(func: Any, name: str, target: Any, base: CpuScheduleConfig, cf
 
 def knob_tune(mod: Any, target: Any, cfg: KnobTuneConfig | None = None, cache_dir: Path | None = None,
               progress: bool = True, measure: Callable[..., list[float | None]] | None = None,
-              prepared: bool = False) -> tuple[dict[str, dict[str, Any]], KnobTuneReport]:
+              prepared: bool = False, schedule_cfg: CpuScheduleConfig | None = None,
+              ) -> tuple[dict[str, dict[str, Any]], KnobTuneReport]:
     """Knob-tune every fused PrimFunc of Relax ``mod`` for ``target`` (a ``tvm.target.Target``).
 
     Returns ``(choices, report)``: ``choices`` maps :func:`func_key` to overrides, what
     :func:`knob_schedule_pass` (``compile_relax(..., knobs=choices)``) applies. Functions already
     in the target's cache file are not timed again. ``measure`` replaces :func:`time_candidates`
     (tests count its calls). ``prepared``: ``mod`` is already :func:`fused_module`'s output.
+    ``schedule_cfg``: the build's CpuScheduleConfig (None: the target's), the base every variant
+    overrides; :func:`knob_schedule_pass` must get the same one, or the keys do not match.
     """
     from tqdm import tqdm
     from tvm import tirx
@@ -462,9 +465,9 @@ def knob_tune(mod: Any, target: Any, cfg: KnobTuneConfig | None = None, cache_di
     t0 = time.perf_counter()
     path = cache_file(target, cache_dir)
     cached = load_cache(path)
-    base = CpuScheduleConfig.for_target(target)
+    base = schedule_cfg or CpuScheduleConfig.for_target(target)
     space = space_fingerprint(base)
-    fused = mod if prepared else fused_module(mod, target)
+    fused = mod if prepared else fused_module(mod, target, schedule_cfg)
     funcs = [(gv.name_hint, f) for gv, f in fused.functions_items()
              if isinstance(f, tirx.PrimFunc) and not _is_scheduled(f)]
     new: dict[str, KnobChoice] = {}

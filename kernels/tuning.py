@@ -216,7 +216,7 @@ def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None =
             _search(missing, db, cfg)
         after = count_records(db)
         with contextlib.redirect_stdout(sys.stderr):
-            choices, measured = decide(tasks, db, target, d, cfg.min_gain, cfg.runner_config())
+            choices, measured = decide(tasks, db, target, d, cfg.min_gain, cfg.runner_config(), schedule_cfg)
         chosen = chosen_database(tasks, choices, db, target)
     report = TuneReport(str(d), len(tasks), len(tasks) - len(missing),
                         len(missing) if cfg.trials > 0 else 0, before, after, time.perf_counter() - t0,

@@ -113,16 +113,17 @@ def schedule_fingerprint(scheduled_mod: Any | None) -> str:
 # --------------------------------------------------------------------------- the two candidates
 
 
-def apq_scheduled(task_mod: Any, target: Any) -> Any | None:
+def apq_scheduled(task_mod: Any, target: Any, cfg: Any = None) -> Any | None:
     """``task_mod`` scheduled by apq's rules, as the build's ``ApplyDefaultSchedule`` would.
 
-    Same rules, same order, same config derived from the target: the function this returns is the
-    one an untuned build runs for this task (tests check it against the build's fused module).
+    Same rules, same order, same config (the build's ``cfg``; None: derived from the target): the
+    function this returns is the one an untuned build runs for this task (tests check it against
+    the build's fused module).
     """
     from apq.kernels.cpu_schedules import CpuScheduleConfig, make_rules
 
     func = task_mod["main"]
-    for rule in make_rules(CpuScheduleConfig.for_target(target)):
+    for rule in make_rules(cfg or CpuScheduleConfig.for_target(target)):
         sch = rule.apply(func, target, False)
         if sch is not None:
             return sch.mod
@@ -262,11 +263,12 @@ def save_choices(db_dir: Path, choices: dict[str, TaskChoice]) -> None:
 
 
 def decide(tasks: list[Any], db: Any, target: Any, db_dir: Path, min_gain: float,
-           runner_cfg: RunnerConfig) -> tuple[list[TaskChoice], int]:
+           runner_cfg: RunnerConfig, schedule_cfg: Any = None) -> tuple[list[TaskChoice], int]:
     """A choice per task (saved ones reused while still about the same record); (choices, measured).
 
     Only tasks whose database best record is new to the choice book are measured, all in one
-    session (``measure_modules``).
+    session (``measure_modules``). ``schedule_cfg``: the build's CpuScheduleConfig, so apq's side
+    is scheduled as the build will schedule it.
     """
     book = load_choices(db_dir)
     keyed = []
@@ -277,7 +279,7 @@ def decide(tasks: list[Any], db: Any, target: Any, db_dir: Path, min_gain: float
     stale = [k for k in keyed if k[1] not in book or book[k[1]].record != schedule_fingerprint(k[3])]
     mods: list[Any | None] = []
     for task, _, record, tuned_mod in stale:
-        mods += [apq_scheduled(task.dispatched[0], target), tuned_mod]
+        mods += [apq_scheduled(task.dispatched[0], target, schedule_cfg), tuned_mod]
     times = measure_modules(mods, target, runner_cfg) if stale else []
     for j, (task, key, _, tuned_mod) in enumerate(stale):
         apq_ms, tuned_ms = times[2 * j], times[2 * j + 1]

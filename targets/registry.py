@@ -39,6 +39,11 @@ class TargetSpec:
     features: tuple[str, ...] = ()
     bits: tuple[int, ...] = (4, 8)  # bit-widths the search may choose on this target
     num_cores: int = 1
+    #: L2 bytes one worker thread can keep on chip: a private L2, or a shared L2 divided by the
+    #: cores sharing it. None = unknown (the schedules keep the defaults measured on the 2 MiB-L2
+    #: development host). It sets when merging a MobileNet block into one kernel pays
+    #: (kernels/fuse_dw_pw.py, :meth:`apq.kernels.cpu_schedules.CpuScheduleConfig.with_l2_cache`).
+    l2_cache_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -160,6 +165,39 @@ def _llvm_host_cpu() -> str:
     return "x86-64"
 
 
+def _cpu_list_len(text: str) -> int:
+    """Number of CPUs in a sysfs CPU list such as ``0-3,8``."""
+    count = 0
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def read_l2_per_core(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """This machine's L2 bytes per core (sysfs ``index*/``: level 2, size ``2048K``, divided by
+    the CPUs in ``shared_cpu_list``); None when sysfs does not say."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        for entry in sorted(os.listdir(cache_dir)):
+            d = os.path.join(cache_dir, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(d, "level"), encoding="utf-8") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(d, "size"), encoding="utf-8") as f:
+                size = f.read().strip()
+            with open(os.path.join(d, "shared_cpu_list"), encoding="utf-8") as f:
+                sharing = max(1, _cpu_list_len(f.read()))
+            value = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+            return value // sharing
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def host_num_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -177,12 +215,12 @@ def _host() -> TargetSpec:
         mattr = ["+neon"] + (["+dotprod"] if "asimddp" in flags else [])
         tvm_target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": cores}
         return TargetSpec("host", f"this machine: {read_cpu_model()}", "aarch64", tvm_target, "local",
-                          features=feats, bits=(2, 4, 8), num_cores=cores)
+                          features=feats, bits=(2, 4, 8), num_cores=cores, l2_cache_bytes=read_l2_per_core())
     feats = detect_host_features()
     bits = (2, 4, 8) if "popcnt" in feats else (4, 8)
     tvm_target = {"kind": "llvm", "mcpu": _llvm_host_cpu(), "num-cores": cores}
     return TargetSpec("host", f"this machine: {read_cpu_model()}", "x86_64", tvm_target, "local",
-                      features=feats, bits=bits, num_cores=cores)
+                      features=feats, bits=bits, num_cores=cores, l2_cache_bytes=read_l2_per_core())
 
 
 # --------------------------------------------------------------------------- ARM boards
@@ -190,26 +228,30 @@ def _host() -> TargetSpec:
 _AARCH64_GXX = "aarch64-linux-gnu-g++"
 
 
-def _arm(name: str, description: str, mcpu: str | None, mattr: list[str], cores: int) -> TargetSpec:
+def _arm(name: str, description: str, mcpu: str | None, mattr: list[str], cores: int,
+         l2_cache_bytes: int | None = None) -> TargetSpec:
     tvm_target: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr,
                                   "num-cores": cores}
     if mcpu:
         tvm_target["mcpu"] = mcpu
     feats = tuple(a.lstrip("+") for a in mattr)
     return TargetSpec(name, description, "aarch64", tvm_target, "qemu", cross_compiler=_AARCH64_GXX,
-                      features=feats, bits=(2, 4, 8), num_cores=cores)
+                      features=feats, bits=(2, 4, 8), num_cores=cores, l2_cache_bytes=l2_cache_bytes)
 
 
+# L2 per core from the SoC datasheets (not measured: no board here): BCM2711 (Pi 4) has 1 MiB of L2
+# shared by its 4 Cortex-A72s, BCM2712 (Pi 5) 512 KiB private per Cortex-A76 (plus a 2 MiB L3),
+# BCM2837 (Pi 3) 512 KiB shared by 4 Cortex-A53s. A generic board: unknown.
 register_target("aarch64")(lambda: _arm("aarch64", "generic ARMv8-A Linux board with NEON", None, ["+neon"], 4))
 register_target("raspberry-pi/4b-aarch64")(
     lambda: _arm("raspberry-pi/4b-aarch64", "Raspberry Pi 4 Model B (Cortex-A72, 4 cores)", "cortex-a72",
-                 ["+neon"], 4))
+                 ["+neon"], 4, l2_cache_bytes=(1 << 20) // 4))
 register_target("raspberry-pi/5")(
     lambda: _arm("raspberry-pi/5", "Raspberry Pi 5 (Cortex-A76, 4 cores, dot product)", "cortex-a76",
-                 ["+neon", "+dotprod"], 4))
+                 ["+neon", "+dotprod"], 4, l2_cache_bytes=512 << 10))
 register_target("raspberry-pi/3b-aarch64")(
     lambda: _arm("raspberry-pi/3b-aarch64", "Raspberry Pi 3 Model B (Cortex-A53, 4 cores)", "cortex-a53",
-                 ["+neon"], 4))
+                 ["+neon"], 4, l2_cache_bytes=(512 << 10) // 4))
 
 
 # --------------------------------------------------------------------------- simulated accelerator
@@ -222,7 +264,7 @@ def _bitfusion() -> TargetSpec:
         "bitfusion",
         "BitFusion bit-serial accelerator (analytic latency/energy model; kernels run bit-serial on the host CPU)",
         host.arch, dict(host.tvm_target), "simulator", features=("bit-serial", "simulated"),
-        bits=(1, 2, 4, 8), num_cores=host.num_cores)
+        bits=(1, 2, 4, 8), num_cores=host.num_cores, l2_cache_bytes=host.l2_cache_bytes)
 
 
 def targets_table_json() -> str:

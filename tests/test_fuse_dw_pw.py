@@ -190,6 +190,17 @@ def test_only_pairs_that_move_enough_bytes_merge():
     assert len(_primfunc_names(_prepared(mod, target, default_cfg))) == 3  # a 24 px block stays apart
 
 
+def _force_merges(monkeypatch) -> None:
+    """Every depthwise pair merges: thresholds 0, both where a config is derived from a TVM target
+    and where a build sets them from the target's L2 (``compile.schedule_config``)."""
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+
+    derive = CpuScheduleConfig.for_target
+    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
+        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    monkeypatch.setattr(CpuScheduleConfig, "with_l2_cache", lambda self, _l2: self)
+
+
 def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_float, monkeypatch):
     """Whole model, every depthwise -> pointwise pair merged (down to 1x1 feature maps): outputs
     match onnxruntime and the manifest still pairs each layer with its kernel (two per merge)."""
@@ -198,9 +209,7 @@ def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_f
     from apq.toolchain.compile import compile_onnx
     from apq.toolchain.verify import verify_artifact
 
-    derive = CpuScheduleConfig.for_target
-    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
-        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    _force_merges(monkeypatch)
     res = compile_onnx(mbv2_float, "host", tmp_path / "merged.apq")
     art = open_artifact(res.artifact_path, "host")
     rep = verify_artifact(art, mbv2_float, seed=3)
@@ -223,7 +232,6 @@ def test_mobilenetv2_with_every_pair_merged_matches_onnxruntime(tmp_path, mbv2_f
 @pytest.mark.qemu
 def test_merged_kernels_run_right_on_aarch64_under_qemu(tmp_path, mbv2_float, monkeypatch):
     """The merged kernels cross-compiled for a Pi (NEON tiles, 4 cores: parallel row blocks)."""
-    from apq.kernels.cpu_schedules import CpuScheduleConfig
     from apq.targets.qemu import qemu_available
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import compile_onnx
@@ -232,9 +240,7 @@ def test_merged_kernels_run_right_on_aarch64_under_qemu(tmp_path, mbv2_float, mo
     ok, why = qemu_available()
     if not ok:
         pytest.skip(why)
-    derive = CpuScheduleConfig.for_target
-    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
-        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    _force_merges(monkeypatch)
     target = "raspberry-pi/4b-aarch64"
     art = open_artifact(compile_onnx(mbv2_float, target, tmp_path / "arm.apq").artifact_path, target)
     rep = verify_artifact(art, mbv2_float, seed=4)
@@ -278,15 +284,13 @@ def test_no_fuse_blocks_builds_every_conv_as_its_own_kernel(tmp_path, mbv2_float
     from apq.toolchain.compile import CompileOptions, build_library_traced, schedule_config
     from test_cpu_schedules import _relax_module
 
-    derive = CpuScheduleConfig.for_target
-    monkeypatch.setattr(CpuScheduleConfig, "for_target", staticmethod(
-        lambda t: dataclasses.replace(derive(t), fuse_dw_pw_min_bytes=0, fuse_pw_dw_min_bytes=0)))
+    _force_merges(monkeypatch)
     spec = get_target("host")
     mod, _, _ = _relax_module(mbv2_float)
     calls = {}
     for on in (True, False):
         sched_cfg = schedule_config(spec, CompileOptions(fuse_blocks=on))
-        assert (sched_cfg is None) == on
+        assert sched_cfg.fuse_blocks == on
         (tmp_path / str(on)).mkdir()
         _, calls[on] = build_library_traced(mod, spec, tmp_path / str(on), schedule_cfg=sched_cfg)
     merged = {on: {c.function for c in calls[on] if c.function.count("conv2d") > 1} for on in calls}

@@ -234,3 +234,19 @@ def test_a_variant_must_beat_the_default_by_the_margin(tmp_path):
     assert close.overrides == {} and close.best_ms == 1.0
     assert failed.overrides == {} and win.best_ms == 0.8 and win.overrides
     assert win.overrides == json.loads(sorted(win.times_ms, key=win.times_ms.get)[0])
+
+
+def test_choices_are_keyed_by_the_config_the_build_schedules_with(tmp_path):
+    """A build whose config is not the target's default (block-merging thresholds from the target's
+    L2, ``--no-fuse-blocks``) gets knob choices keyed by that config, the one its
+    ``knob_schedule_pass`` looks them up with; keyed by the default they would be silently unused."""
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+
+    target = get_target("host").tvm()
+    mod = _lowered(_tiny_conv(tmp_path / "t.onnx"))
+    build_cfg = CpuScheduleConfig.for_target(target).with_l2_cache(256 << 10)
+    assert kt.space_fingerprint(build_cfg) != kt.space_fingerprint(CpuScheduleConfig.for_target(target))
+    knobs, report = kt.knob_tune(mod, target, cache_dir=tmp_path, progress=False, measure=_CountingMeasure(),
+                                 schedule_cfg=build_cfg)
+    [(_, func)] = _prim_funcs(mod, target)
+    assert report.changed == 1 and set(knobs) == {kt.func_key(func, kt.space_fingerprint(build_cfg))}

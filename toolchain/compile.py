@@ -153,13 +153,16 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
 
 
 def schedule_config(target: TargetSpec, options: CompileOptions):
-    """The CpuScheduleConfig the build, knob tuning and MetaSchedule share: None (each derives the
-    target's own) unless an option changes it (``fuse_blocks`` off)."""
-    if options.fuse_blocks or not cpu_pipeline_supports(target.tvm()):
+    """The CpuScheduleConfig the build, knob tuning and MetaSchedule share: the target's own
+    (:meth:`CpuScheduleConfig.for_target`), with the block-merging thresholds set from the target's
+    L2 per core (``TargetSpec.l2_cache_bytes``) and merging off for ``--no-fuse-blocks``. None for
+    targets apq's CPU schedules do not handle."""
+    if not cpu_pipeline_supports(target.tvm()):
         return None
     from apq.kernels.cpu_schedules import CpuScheduleConfig
 
-    return dataclasses.replace(CpuScheduleConfig.for_target(target.tvm()), fuse_blocks=False)
+    cfg = CpuScheduleConfig.for_target(target.tvm()).with_l2_cache(target.l2_cache_bytes)
+    return cfg if options.fuse_blocks else dataclasses.replace(cfg, fuse_blocks=False)
 
 
 def tune_library(mod, target: TargetSpec, trials: int, progress: bool = False, schedule_cfg=None):
@@ -185,7 +188,7 @@ def knob_tune_library(mod, target: TargetSpec, enabled: bool, progress: bool = F
 
     check_tunable(target)  # one-line refusal for targets whose kernels cannot be timed here
     fused = fused_module(mod, target.tvm(), schedule_cfg)
-    knobs, report = knob_tune(fused, target.tvm(), progress=progress, prepared=True)
+    knobs, report = knob_tune(fused, target.tvm(), progress=progress, prepared=True, schedule_cfg=schedule_cfg)
     return knobs, report.to_json(), fused
 
 
@@ -300,6 +303,7 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
             "outputs": [s.to_json() for s in outputs],
             "layers": [layer.to_json() for layer in layers],
             "compile": {"options": options.to_json(), "seconds": round(compile_s, 3),
+                        **({"schedule_config": sched_cfg.to_json()} if sched_cfg is not None else {}),
                         **({"tuning": tuning} if tuning else {}),
                         **({"knob_tuning": knob_report} if knob_report else {})},
             "versions": tool_versions(),
