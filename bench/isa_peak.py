@@ -12,7 +12,9 @@ same core, in one run:
 
 - ``vnni``: 12 independent ``vpdpbusd zmm`` accumulator chains on register operands;
 - ``and_popcnt`` (zmm, and a ymm variant): 12 independent ``vpandq`` + ``vpopcntq`` + ``vpaddq`` chains on register bit
-  planes (the minimal bit-serial step: 512 binary MACs).
+  planes (the minimal bit-serial step: 512 binary MACs);
+- ``fma``: 12 independent ``vfmadd231ps zmm`` chains (16 float32 MACs each), the float kernels' ceiling
+  (bench/kernels.py reports every kernel's GOPS as a fraction of its family's ceiling from here).
 Both loops are inline assembly with operands in registers, so neither is limited by loads or by
 compiler artefacts: these are the arithmetic ceilings of the core.
 
@@ -120,6 +122,27 @@ __attribute__((noinline)) static void run_popcnt(const __m512i *a, const __m512i
       ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26");
 }
 
+/* float32: 12 independent vfmadd231ps zmm chains (16 MACs each), the float kernels' ceiling. */
+__attribute__((noinline)) static void run_fma(const __m512i *a, const __m512i *b, long iters) {
+  __asm__ volatile("vmovaps (%0), %%zmm12\n\tvmovaps 64(%0), %%zmm13\n\tvmovaps (%1), %%zmm14\n\t"
+                   :: "r"(a), "r"(b) : "xmm12", "xmm13", "xmm14");
+  for (long i = 0; i < iters; ++i)
+    __asm__ volatile(
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm0\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm1\n\t"
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm2\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm3\n\t"
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm4\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm5\n\t"
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm6\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm7\n\t"
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm8\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm9\n\t"
+      "vfmadd231ps %%zmm12, %%zmm14, %%zmm10\n\t"
+      "vfmadd231ps %%zmm13, %%zmm14, %%zmm11\n\t"
+      ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14");
+}
+
 /* The same step on 256-bit registers: on cores whose 512-bit integer units are fewer than their
    256-bit ones, this can be the faster bit-serial step (256 binary MACs per group). */
 __attribute__((noinline)) static void run_popcnt256(const __m512i *a, const __m512i *b, long iters) {
@@ -170,7 +193,8 @@ static double timed(int which, const __m512i *a, const __m512i *b, double second
   long iters = 1 << 16;
   for (;;) {
     double t0 = now();
-    if (which == 2) run_popcnt256(a, b, iters); else if (which) run_popcnt(a, b, iters); else run_vnni(a, b, iters);
+    if (which == 3) run_fma(a, b, iters);
+    else if (which == 2) run_popcnt256(a, b, iters); else if (which) run_popcnt(a, b, iters); else run_vnni(a, b, iters);
     double dt = now() - t0;
     if (dt >= seconds) { *iters_out = iters; return dt; }
     iters *= 2;
@@ -182,19 +206,21 @@ int main(int argc, char **argv) {
   __m512i *a = aligned_alloc(64, 2 * BUF * 64), *b = aligned_alloc(64, BUF * 64);
   for (int i = 0; i < 2 * BUF * 64; ++i) ((uint8_t *)a)[i] = (uint8_t)(i * 37 + 11);
   for (int i = 0; i < BUF * 64; ++i) ((uint8_t *)b)[i] = (uint8_t)(i * 91 + 5);
-  long it_v, it_p, it_y;
-  double best_v = 1e30, best_p = 1e30, best_y = 1e30;
+  long it_v, it_p, it_y, it_f;
+  double best_v = 1e30, best_p = 1e30, best_y = 1e30, best_f = 1e30;
   for (int rep = 0; rep < 5; ++rep) {  /* interleaved, best of 5: ratios from one run */
     double tv = timed(0, a, b, seconds / 5, &it_v) / it_v;
     double tp = timed(1, a, b, seconds / 5, &it_p) / it_p;
     double ty = timed(2, a, b, seconds / 5, &it_y) / it_y;
+    double tf = timed(3, a, b, seconds / 5, &it_f) / it_f;
     if (tv < best_v) best_v = tv;
     if (tp < best_p) best_p = tp;
     if (ty < best_y) best_y = ty;
+    if (tf < best_f) best_f = tf;
   }
   printf("{\"vnni_int8_macs_per_s\": %.6e, \"and_popcnt512_binary_macs_per_s\": %.6e, "
-         "\"and_popcnt256_binary_macs_per_s\": %.6e}\n",
-         CHAINS * 64.0 / best_v, CHAINS * 512.0 / best_p, CHAINS * 256.0 / best_y);
+         "\"and_popcnt256_binary_macs_per_s\": %.6e, \"fma_f32_macs_per_s\": %.6e}\n",
+         CHAINS * 64.0 / best_v, CHAINS * 512.0 / best_p, CHAINS * 256.0 / best_y, CHAINS * 16.0 / best_f);
   return 0;
 }
 """
@@ -336,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "vnni_int8_gops": round(2 * rates["vnni_int8_macs_per_s"] / 1e9, 1),
         "and_popcnt512_binary_gops": round(2 * rates["and_popcnt512_binary_macs_per_s"] / 1e9, 1),
         "and_popcnt256_binary_gops": round(2 * rates["and_popcnt256_binary_macs_per_s"] / 1e9, 1),
+        "fma_f32_gflops": round(2 * rates["fma_f32_macs_per_s"] / 1e9, 1),
         "ceilings": ceilings(rates),
     }
     amx = measure_amx(args.seconds)
@@ -346,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record))
     else:
         print(f"{record['cpu']}: VNNI int8 {record['vnni_int8_gops']} GOPS, AND+popcount "
-              f"{record['and_popcnt512_binary_gops']} (zmm) / {record['and_popcnt256_binary_gops']} (ymm) binary GOPS "
-              "(1 thread)")
+              f"{record['and_popcnt512_binary_gops']} (zmm) / {record['and_popcnt256_binary_gops']} (ymm) binary GOPS, "
+              f"FMA float32 {record['fma_f32_gflops']} GFLOPS (1 thread)")
         for r in record["ceilings"]:
             print(f"  W{r['w_bits']}A{r['a_bits']}: at most {r['ceiling_speedup_vs_vnni_int8']}x VNNI int8")
         if "amx_int8_gops" in record:

@@ -11,6 +11,14 @@ same simple schedule template as the bit-serial kernels: NOT a tuned kernel. For
 AVX-512 VNNI, apq's best int8 kernel (the compile pipeline's vpdpbusd path, kernels/x86_int8.py) is timed too
 ("int8-vnni"), and every record carries ``speedup_vs_best_int8`` against the faster of the two: that is the
 margin that matters.
+
+Achieved GOPS against the CPU's peak: before timing, the instruction ceilings of this core are measured
+once with bench/isa_peak.py's assembly loops (x86 with AVX-512 VNNI; elsewhere the fields are null).
+Each record gets ``peak_gops`` for its kernel family times the TVM threads (float32: ``vfmadd231ps``;
+int8: ``vpdpbusd``; a ``wb x ab``-bit bit-serial kernel: the AND+popcount binary rate divided by
+``wb * ab`` bit-plane pairs), ``peak_instruction`` and ``fraction_of_peak`` (``gops / peak_gops``). The
+peak is a ceiling of arithmetic alone (operands in registers), so the fraction says how much of the
+gap is loads, packing and epilogues. AMX, where present, is not counted: apq's kernels do not use it.
 """
 
 from __future__ import annotations
@@ -160,10 +168,43 @@ def _environment(threads: int, target_name: str) -> dict[str, Any]:
             "tvm_target": get_target(target_name).tvm_target, "load_avg_1m": os.getloadavg()[0]}
 
 
+def isa_peaks(seconds: float = 0.3) -> dict[str, float]:
+    """This core's measured MAC rates (bench/isa_peak.py), or {} where they cannot be measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("isa_peak.py")
+    spec = importlib.util.spec_from_file_location("apq_bench_isa_peak", path)
+    peak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak)
+    if {"avx512f", "avx512_vnni", "avx512_vpopcntdq"} - peak.cpu_flags():
+        return {}
+    try:
+        return peak.measure(seconds)
+    except peak.MeasureError:
+        return {}
+
+
+def peak_of(w_bits: int, a_bits: int, peaks: dict[str, float], threads: int) -> tuple[float | None, str | None]:
+    """(peak GOPS, instruction) of the kernel family for these bit-widths on ``threads`` cores."""
+    if not peaks:
+        return None, None
+    if a_bits == 32:
+        macs, what = peaks["fma_f32_macs_per_s"], "vfmadd231ps zmm"
+    elif w_bits == 8 and a_bits == 8:
+        macs, what = peaks["vnni_int8_macs_per_s"], "vpdpbusd zmm"
+    else:
+        binary = max(peaks["and_popcnt512_binary_macs_per_s"], peaks["and_popcnt256_binary_macs_per_s"])
+        macs, what = binary / (w_bits * a_bits), f"vpandq+vpopcntq+vpaddq / {w_bits * a_bits} bit-plane pairs"
+    return 2 * macs * max(1, threads) / 1e9, what
+
+
 def run_benchmark(layers=LAYERS, precisions=PRECISIONS, mode: str = "unipolar", target_name: str = "host",
-                  measure: MeasureConfig = MeasureConfig(), threads: int = 0, progress: bool = True
-                  ) -> list[dict[str, Any]]:
-    """Compile, verify and time every layer x precision; returns the records (one per pair)."""
+                  measure: MeasureConfig = MeasureConfig(), threads: int = 0, progress: bool = True,
+                  peaks: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Compile, verify and time every layer x precision; returns the records (one per pair).
+
+    ``peaks``: per-core MAC rates as :func:`isa_peaks` returns them (None: measure them here)."""
     import tvm
     from tqdm import tqdm
 
@@ -175,6 +216,7 @@ def run_benchmark(layers=LAYERS, precisions=PRECISIONS, mode: str = "unipolar", 
         raise SystemExit("kernels can only be timed on a local target (qemu runs are never timed)")
     target = tspec.tvm()
     env = _environment(threads, target_name)
+    peaks = isa_peaks() if peaks is None else peaks
     rng = np.random.default_rng(0)
     dev = tvm.cpu()
     records: list[dict[str, Any]] = []
@@ -222,6 +264,10 @@ def run_benchmark(layers=LAYERS, precisions=PRECISIONS, mode: str = "unipolar", 
         for r in layer_recs:
             r["speedup_vs_int8"] = round(int8_ms / r["ms"], 3) if int8_ms else None
             r["speedup_vs_best_int8"] = round(best / r["ms"], 3) if best else None
+            peak, what = peak_of(r["w_bits"], r["a_bits"], peaks, env["threads"])
+            r["peak_gops"] = round(peak, 1) if peak else None
+            r["peak_instruction"] = what
+            r["fraction_of_peak"] = round(r["gops"] / peak, 3) if peak else None
         records.extend(layer_recs)
     bar.close()
     return records
@@ -261,10 +307,12 @@ def _vnni_record(layer: Layer, tspec, measure: MeasureConfig, rng: np.random.Gen
 
 
 def _table(records: list[dict[str, Any]]) -> str:
-    lines = [f"{'layer':24s} {'prec':9s} {'ms':>9s} {'min':>9s} {'x int8':>7s} {'x best8':>7s} {'GOPS':>8s} exact"]
+    lines = [f"{'layer':24s} {'prec':9s} {'ms':>9s} {'min':>9s} {'x int8':>7s} {'x best8':>7s} {'GOPS':>8s} "
+             f"{'of peak':>7s} exact"]
     for r in records:
+        frac = f"{100 * r['fraction_of_peak']:6.1f}%" if r.get("fraction_of_peak") is not None else f"{'-':>7s}"
         lines.append(f"{r['layer']:24s} {r['precision']:9s} {r['ms']:9.4f} {r['ms_min']:9.4f} "
-                     f"{r['speedup_vs_int8']:7.2f} {r['speedup_vs_best_int8']:7.2f} {r['gops']:8.1f} {r['exact']}")
+                     f"{r['speedup_vs_int8']:7.2f} {r['speedup_vs_best_int8']:7.2f} {r['gops']:8.1f} {frac} {r['exact']}")
     return "\n".join(lines)
 
 

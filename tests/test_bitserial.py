@@ -328,6 +328,16 @@ def test_kernel_bench_quick_runs_and_is_exact():
     assert len(recs) == len(bench.PRECISIONS) + vnni and all(r["exact"] and r["ms"] > 0 for r in recs)
     assert {r["precision"] for r in recs} >= {"int8", "W1A1", "W2A8"} | ({"int8-vnni"} if vnni else set())
     assert all(r["speedup_vs_best_int8"] <= r["speedup_vs_int8"] + 1e-9 for r in recs)
+    # achieved GOPS against the measured peak of each kernel's instruction family (x86 AVX-512 VNNI)
+    peaks = bench.isa_peaks(0.05)
+    if peaks:
+        by = {r["precision"]: r for r in recs}
+        assert all(r["fraction_of_peak"] is not None and 0 < r["fraction_of_peak"] for r in recs)
+        assert by["float32"]["peak_instruction"].startswith("vfmadd")
+        assert by["int8"]["peak_instruction"].startswith("vpdpbusd")
+        # W1A1 and W2A2 share the binary rate: 4 bit-plane pairs leave a quarter of W1A1's ceiling
+        w1, w2 = by["W1A1"]["peak_gops"], by["W2A2"]["peak_gops"]
+        assert abs(w2 * 4 / w1 - 1) < 0.01, (w1, w2)
 
 
 @pytest.mark.parametrize("word_bits,padding,c", [(32, 0, 96), (32, 2, 40), (64, 1, 64)])
