@@ -95,3 +95,16 @@ def test_the_manifest_records_the_schedule_config(tmp_path, mbv2_float):
     if l2 is None:
         pytest.skip("this machine's sysfs does not list an L2")
     assert recorded["fuse_dw_pw_min_bytes"] == l2 and recorded["fuse_block_bytes"] == l2 // 2
+
+
+def test_apq_targets_shows_the_l2_per_core(capsys):
+    import json
+
+    from apq.toolchain.cli import main
+
+    assert main(["targets"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()}
+    assert "l2/core=256KiB" in lines["raspberry-pi/4b-aarch64"] and "l2/core=?" in lines["aarch64"]
+    assert main(["targets", "--json"]) == 0
+    listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    assert listed["raspberry-pi/5"]["l2_cache_bytes"] == 512 << 10

@@ -166,8 +166,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
         _print_json([t.to_json() for t in targets])
         return 0
     for t in targets:
+        l2 = f"{t.l2_cache_bytes >> 10}KiB" if t.l2_cache_bytes else "?"
         print(f"{t.name:<26} {t.arch:<8} {t.executor:<10} bits={','.join(map(str, t.bits)):<8} "
-              f"features={','.join(t.features) or '-'}")
+              f"l2/core={l2:<8} features={','.join(t.features) or '-'}")
         print(f"{'':<26} {t.description}")
     return 0
 
