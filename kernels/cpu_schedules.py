@@ -140,6 +140,12 @@ class CpuScheduleConfig:
     fuse_block_bytes: int = 1 << 20
     fuse_blocks: bool = True
 
+    @staticmethod
+    def for_spec(spec: Any) -> "CpuScheduleConfig":
+        """The config a build for an apq target (``TargetSpec``) schedules with: derived from its
+        TVM target, block-merging thresholds from its L2 per core (:meth:`with_l2_cache`)."""
+        return CpuScheduleConfig.for_target(spec.tvm()).with_l2_cache(spec.l2_cache_bytes)
+
     def with_l2_cache(self, l2_bytes: int | None) -> "CpuScheduleConfig":
         """The block-merging thresholds for a target whose worker threads each keep ``l2_bytes``
         of L2 (``TargetSpec.l2_cache_bytes``; None: unchanged).

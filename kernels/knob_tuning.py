@@ -509,9 +509,11 @@ def check_tunable(spec: Any) -> None:
 
 def knob_tune_for_target(mod: Any, spec: Any, cfg: KnobTuneConfig | None = None, cache_dir: Path | None = None,
                          progress: bool = True, prepared: bool = False) -> tuple[dict[str, dict[str, Any]], KnobTuneReport]:
-    """:func:`knob_tune` for an apq TargetSpec, refusing targets whose kernels cannot be timed here."""
+    """:func:`knob_tune` for an apq TargetSpec (with the config its builds schedule with,
+    :meth:`CpuScheduleConfig.for_spec`), refusing targets whose kernels cannot be timed here."""
     check_tunable(spec)
-    return knob_tune(mod, spec.tvm(), cfg, cache_dir, progress, prepared=prepared)
+    return knob_tune(mod, spec.tvm(), cfg, cache_dir, progress, prepared=prepared,
+                     schedule_cfg=CpuScheduleConfig.for_spec(spec))
 
 
 def _set_threads(threads: int) -> int:

@@ -54,6 +54,8 @@ def test_thresholds_follow_the_l2():
                                fuse_pw_dw_min_bytes=base.fuse_pw_dw_min_bytes,
                                fuse_block_bytes=base.fuse_block_bytes) == base  # nothing else changes
     assert base.with_l2_cache(None) == base
+    pi4 = get_target("raspberry-pi/4b-aarch64")
+    assert CpuScheduleConfig.for_spec(pi4) == CpuScheduleConfig.for_target(pi4.tvm()).with_l2_cache(256 << 10)
     # the defaults are this rule applied to the development host's 2 MiB L2 per core
     assert base.with_l2_cache(2 << 20) == base
 

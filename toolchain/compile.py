@@ -154,14 +154,13 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
 
 def schedule_config(target: TargetSpec, options: CompileOptions):
     """The CpuScheduleConfig the build, knob tuning and MetaSchedule share: the target's own
-    (:meth:`CpuScheduleConfig.for_target`), with the block-merging thresholds set from the target's
-    L2 per core (``TargetSpec.l2_cache_bytes``) and merging off for ``--no-fuse-blocks``. None for
-    targets apq's CPU schedules do not handle."""
+    (:meth:`CpuScheduleConfig.for_spec`: block-merging thresholds from the target's L2 per core),
+    with merging off for ``--no-fuse-blocks``. None for targets apq's CPU schedules do not handle."""
     if not cpu_pipeline_supports(target.tvm()):
         return None
     from apq.kernels.cpu_schedules import CpuScheduleConfig
 
-    cfg = CpuScheduleConfig.for_target(target.tvm()).with_l2_cache(target.l2_cache_bytes)
+    cfg = CpuScheduleConfig.for_spec(target)
     return cfg if options.fuse_blocks else dataclasses.replace(cfg, fuse_blocks=False)
 
 
