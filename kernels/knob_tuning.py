@@ -43,6 +43,20 @@ from apq.toolchain.errors import InvalidInputError
 
 CACHE_VERSION = 1
 
+
+@dataclass(frozen=True)
+class Scaled:
+    """A knob value relative to the base config's own (an int field times ``factor``), for knobs
+    whose sensible values depend on the target, e.g. cache-sized blocks: the base already derives
+    them from the target's L2 (``CpuScheduleConfig.with_l2_cache``). Resolved to an absolute value
+    before a choice is recorded (:func:`resolve_overrides`)."""
+
+    factor: float
+
+    def of(self, value: int) -> int:
+        return max(1, int(value * self.factor))
+
+
 #: Knob variants per rule (``RULES`` name), as overrides of the target's default config. Each list
 #: is small on purpose (seconds per kernel); variants that schedule a function into the same code
 #: as another (e.g. depthwise knobs on a pointwise conv) are timed once. Fields the installed
@@ -62,8 +76,8 @@ KNOB_SPACE: dict[str, tuple[dict[str, Any], ...]] = {
     # within noise on the 224 px MobileNetV2's second block; a merged pair without an expansion
     # schedules the same under each, so nothing is timed for it
     "dw-chain-nhwc": (
-        {"fuse_block_bytes": 512 << 10},
-        {"fuse_block_bytes": 2 << 20},
+        {"fuse_block_bytes": Scaled(0.5)},
+        {"fuse_block_bytes": Scaled(2.0)},
     ),
     "matmul": (
         {"gemv_stream": False},
@@ -158,10 +172,15 @@ class KnobTuneReport:
 # --------------------------------------------------------------------------- configs and keys
 
 
+def resolve_overrides(base: CpuScheduleConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with every :class:`Scaled` value made absolute against ``base``."""
+    return {k: (v.of(getattr(base, k)) if isinstance(v, Scaled) else v) for k, v in overrides.items()}
+
+
 def variant_config(base: CpuScheduleConfig, overrides: dict[str, Any]) -> CpuScheduleConfig:
     """``base`` with the overrides the installed CpuScheduleConfig knows (others ignored)."""
     known = {f.name for f in dataclasses.fields(CpuScheduleConfig)}
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in known})
+    return dataclasses.replace(base, **{k: v for k, v in resolve_overrides(base, overrides).items() if k in known})
 
 
 @functools.lru_cache(maxsize=32)
@@ -421,7 +440,7 @@ def tune_function(func: Any, name: str, target: Any, base: CpuScheduleConfig, cf
         return None
     cands: list[tuple[dict[str, Any], Any]] = [({}, default)]
     seen = {structural_hash(default)}
-    for over in KNOB_SPACE.get(rule, ()):
+    for over in (resolve_overrides(base, o) for o in KNOB_SPACE.get(rule, ())):
         vcfg = variant_config(base, over)
         if vcfg == base:
             continue

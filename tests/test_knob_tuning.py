@@ -250,3 +250,18 @@ def test_choices_are_keyed_by_the_config_the_build_schedules_with(tmp_path):
                                  schedule_cfg=build_cfg)
     [(_, func)] = _prim_funcs(mod, target)
     assert report.changed == 1 and set(knobs) == {kt.func_key(func, kt.space_fingerprint(build_cfg))}
+
+
+def test_block_size_knobs_scale_with_the_targets_config():
+    """The merged-block knobs are relative to the base config (which takes them from the target's
+    L2): a Pi's 128 KiB blocks get 64 KiB / 256 KiB variants, this host's 1 MiB ones 512 KiB / 2 MiB.
+    A recorded choice holds the absolute value it was timed with."""
+    from apq.kernels.cpu_schedules import CpuScheduleConfig
+
+    space = kt.KNOB_SPACE["dw-chain-nhwc"]
+    for l2, expect in ((256 << 10, {64 << 10, 256 << 10}), (2 << 20, {512 << 10, 2 << 20})):
+        base = CpuScheduleConfig(vector_bits=512).with_l2_cache(l2)
+        assert {kt.variant_config(base, over).fuse_block_bytes for over in space} == expect
+        assert all(isinstance(v, int) for over in space for v in kt.resolve_overrides(base, over).values())
+    base = CpuScheduleConfig(vector_bits=512)
+    assert kt.space_fingerprint(base) == kt.space_fingerprint(CpuScheduleConfig(vector_bits=512))  # deterministic
