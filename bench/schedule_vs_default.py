@@ -9,9 +9,10 @@ figure lives here, timed side by side in one process.
 
 Both builds take the same module (apq's ONNX import and QDQ lowering, so the int8 model runs
 integer kernels either way) and differ only in ``compile_relax(schedule=...)``. Rounds
-alternate the two builds and report medians of each and of the per-round ratio, as
-bench/compile_vs_ort.py does. Records (``--json``): model, precision, resolution, threads,
-default_ms, apq_ms, speedup (default_ms / apq_ms), max_abs_diff, rounds, clock, source.
+alternate the two builds and report medians of each and of the per-round ratio, by
+bench/compile_vs_ort.py's ``interleaved`` (imported from it). Records (``--json``): model,
+precision, resolution, threads, default_ms, apq_ms, speedup (default_ms / apq_ms), max_abs_diff,
+rounds, clock, source.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+from compile_vs_ort import CLOCKS, interleaved  # the sibling bench (bench/ is this script's path[0])
 
 
 def _build(onnx_path: Path, schedule: bool):
@@ -54,7 +54,7 @@ def _runner(exe, inputs: list[np.ndarray]):
 
 def bench_model(precision: str, resolution: int, onnx_path: Path, threads: int, cfg, clock: str,
                 rounds: int) -> dict:
-    from apq.toolchain.profile import measure, set_runtime_threads
+    from apq.toolchain.profile import set_runtime_threads
 
     set_runtime_threads(threads)
     (apq_exe, specs), (default_exe, _) = _build(onnx_path, True), _build(onnx_path, False)
@@ -63,16 +63,11 @@ def bench_model(precision: str, resolution: int, onnx_path: Path, threads: int, 
     (apq_fn, apq_out), (default_fn, default_out) = _runner(apq_exe, inputs), _runner(default_exe, inputs)
     diff = float(np.max(np.abs(apq_out().astype("float64") - default_out().astype("float64"))))
     used = clock if threads == 1 else "wall"
-    apq_ms, default_ms, ratios = [], [], []
-    for _ in range(max(1, rounds)):
-        a = measure(apq_fn, cfg, threads=threads, clock=CLOCKS[used]).median_ms
-        d = measure(default_fn, cfg, threads=threads, clock=CLOCKS[used]).median_ms
-        apq_ms.append(a)
-        default_ms.append(d)
-        ratios.append(d / a)
+    # default_ms / apq_ms per round, medians over rounds: compile_vs_ort's protocol, default in ORT's seat
+    apq_ms, default_ms, speedup, _ = interleaved(apq_fn, default_fn, cfg, threads, CLOCKS[used], rounds)
     rec = {"model": "mobilenetv2-style", "precision": precision, "resolution": resolution, "threads": threads,
-           "default_ms": round(float(np.median(default_ms)), 4), "apq_ms": round(float(np.median(apq_ms)), 4),
-           "speedup": round(float(np.median(ratios)), 3), "max_abs_diff": diff, "rounds": rounds,
+           "default_ms": round(default_ms, 4), "apq_ms": round(apq_ms, 4),
+           "speedup": round(speedup, 3), "max_abs_diff": diff, "rounds": rounds,
            "clock": "thread-cpu" if used == "thread" else "wall", "source": "measured"}
     print(f"# {precision} {resolution}px {threads}t: default {rec['default_ms']:.3f} ms, apq {rec['apq_ms']:.3f} ms, "
           f"speedup {rec['speedup']:.2f}x, max |diff| {diff:.2e}", file=sys.stderr)
