@@ -55,7 +55,17 @@ C_SOURCE = r"""
 #define BUF 16
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
-/* The two inner loops are written in assembly on purpose: with intrinsics gcc adds register moves
+/* CHAINS independent chains of one instruction ``op src, %zmm14, %zmm<i>`` (sources alternating
+   zmm12/zmm13, accumulators zmm0-zmm11): the timed loop of the one-instruction ceilings. */
+#define ONE_OP_CHAINS(op) \
+  op " %%zmm12, %%zmm14, %%zmm0\n\t" op " %%zmm13, %%zmm14, %%zmm1\n\t" \
+  op " %%zmm12, %%zmm14, %%zmm2\n\t" op " %%zmm13, %%zmm14, %%zmm3\n\t" \
+  op " %%zmm12, %%zmm14, %%zmm4\n\t" op " %%zmm13, %%zmm14, %%zmm5\n\t" \
+  op " %%zmm12, %%zmm14, %%zmm6\n\t" op " %%zmm13, %%zmm14, %%zmm7\n\t" \
+  op " %%zmm12, %%zmm14, %%zmm8\n\t" op " %%zmm13, %%zmm14, %%zmm9\n\t" \
+  op " %%zmm12, %%zmm14, %%zmm10\n\t" op " %%zmm13, %%zmm14, %%zmm11\n\t"
+
+/* The inner loops are written in assembly on purpose: with intrinsics gcc adds register moves
    around the destructive vpdpbusd and may hoist loop-invariant work, and the point here is to time
    exactly N independent instruction chains with operands in registers (no loads). */
 __attribute__((noinline)) static void run_vnni(const __m512i *a, const __m512i *b, long iters) {
@@ -63,18 +73,7 @@ __attribute__((noinline)) static void run_vnni(const __m512i *a, const __m512i *
                    :: "r"(a), "r"(b) : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14");
   for (long i = 0; i < iters; ++i)
     __asm__ volatile(
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm0\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm1\n\t"
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm2\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm3\n\t"
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm4\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm5\n\t"
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm6\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm7\n\t"
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm8\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm9\n\t"
-      "vpdpbusd %%zmm12, %%zmm14, %%zmm10\n\t"
-      "vpdpbusd %%zmm13, %%zmm14, %%zmm11\n\t"
+      ONE_OP_CHAINS("vpdpbusd")
       ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14");
 }
 
@@ -128,18 +127,7 @@ __attribute__((noinline)) static void run_fma(const __m512i *a, const __m512i *b
                    :: "r"(a), "r"(b) : "xmm12", "xmm13", "xmm14");
   for (long i = 0; i < iters; ++i)
     __asm__ volatile(
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm0\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm1\n\t"
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm2\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm3\n\t"
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm4\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm5\n\t"
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm6\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm7\n\t"
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm8\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm9\n\t"
-      "vfmadd231ps %%zmm12, %%zmm14, %%zmm10\n\t"
-      "vfmadd231ps %%zmm13, %%zmm14, %%zmm11\n\t"
+      ONE_OP_CHAINS("vfmadd231ps")
       ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14");
 }
 
