@@ -177,7 +177,7 @@ def isa_peaks(seconds: float = 0.3) -> dict[str, float]:
     spec = importlib.util.spec_from_file_location("apq_bench_isa_peak", path)
     peak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peak)
-    if {"avx512f", "avx512_vnni", "avx512_vpopcntdq"} - peak.cpu_flags():
+    if peak.REQUIRED_FLAGS - peak.cpu_flags():
         return {}
     try:
         return peak.measure(seconds)
