@@ -278,7 +278,6 @@ def test_no_fuse_blocks_builds_every_conv_as_its_own_kernel(tmp_path, mbv2_float
     the default build has merged kernels, the switched-off one none, and both pair every layer."""
     import json
 
-    from apq.kernels.cpu_schedules import CpuScheduleConfig
     from apq.targets.registry import get_target
     from apq.toolchain.cli import compile_main
     from apq.toolchain.compile import CompileOptions, build_library_traced, schedule_config
