@@ -1085,11 +1085,23 @@ class Im2colRule(_LazyRule):
         return gather is not None and schedule_im2col(sch, gather, cfg)
 
 
+class NchwInputConvRule(_LazyRule):
+    """A few-channel float conv read straight from the NCHW input (kernels/nchw_input_conv.py)."""
+
+    name = "nchw-input-conv"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        from apq.kernels.nchw_input_conv import schedule_nchw_input_conv
+
+        return schedule_nchw_input_conv(sch, func, cfg)
+
+
 #: The rule registry, tried in order; the first rule that returns a schedule wins. The packed
 #: int8 rule declines all but its own compute block; the NHWC rule declines every conv that is
 #: not NHWC/HWIO with a float32 output, the NCHW rule every NHWC one.
 RULES: dict[str, type[_LazyRule]] = {
     Im2colRule.name: Im2colRule,
+    NchwInputConvRule.name: NchwInputConvRule,
     Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,
     DepthwiseChainNHWCRule.name: DepthwiseChainNHWCRule,
     Conv2dNHWCRule.name: Conv2dNHWCRule,

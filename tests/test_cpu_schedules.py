@@ -117,22 +117,25 @@ def test_every_conv_and_matmul_gets_its_rule(mbv2_float, mbv2_qdq):
 
     # float convs run NHWC by default (CompileOptions.float_layout); lowered int8 convs NCHW when
     # asked, NHWC by default on VNNI hosts (packed pointwise rule + the NHWC rule for KxK convs)
-    cases = [(mbv2_float, {}, {"conv2d-nhwc"}), (mbv2_qdq, {"int8_layout": "NCHW"}, {"conv2d-nchw"})]
+    # (model, options, rules of the convs, patch gathers): the float RGB stem reads the NCHW input
+    # directly (kernels/nchw_input_conv.py), the int8 NHWC one is gathered (toolchain/patch_gather.py)
+    cases = [(mbv2_float, {}, {"conv2d-nhwc", "nchw-input-conv"}, []),
+             (mbv2_qdq, {"int8_layout": "NCHW"}, {"conv2d-nchw"}, [])]
     if "avx512vnni" in get_target("host").features:
-        cases.append((mbv2_qdq, {}, {"int8-pointwise-nhwc", "conv2d-nhwc"}))
-    for path, options, rules in cases:
+        cases.append((mbv2_qdq, {}, {"int8-pointwise-nhwc", "conv2d-nhwc"}, ["im2col"]))
+    for path, options, rules, want_gathers in cases:
         mod, _, spec = _relax_module(path, **options)
         chosen = _rule_for_each_func(mod, spec.tvm())
         convs = {k: v for k, v in chosen.items() if "conv2d" in k}
         assert len(convs) >= 15, chosen
         assert set(convs.values()) == rules, convs
+        assert sum(v == "nchw-input-conv" for v in convs.values()) == ("nchw-input-conv" in rules), convs
         # the classifier: apq's matmul rule, or the packed VNNI kernel where int8_layout packed it
         matmuls = {k: v for k, v in chosen.items() if "matmul" in k}
         assert len(matmuls) == 1, chosen
         assert all(v == ("int8-pointwise-nhwc" if "packed" in k else "matmul") for k, v in matmuls.items()), matmuls
-        # the RGB stem's patch gather (toolchain/patch_gather.py): on every NHWC path
         gathers = [v for k, v in chosen.items() if k.startswith("im2col")]
-        assert gathers == ([] if options.get("int8_layout") == "NCHW" else ["im2col"]), chosen
+        assert gathers == want_gathers, chosen
 
 
 def test_scheduled_conv_is_parallel_vectorized_and_exact(mbv2_qdq):

@@ -1,6 +1,7 @@
 """Patch gather (kernels/im2col.py, toolchain/patch_gather.py): the gathered patches equal NumPy's
-for either source layout, padding, dilation and depth padding; a float RGB stem becomes gather
-(straight from the NCHW input, its transpose gone) + a 1x1 conv with the same outputs."""
+for either source layout, padding, dilation and depth padding; a float RGB stem becomes one
+direct conv over the NCHW input (kernels/nchw_input_conv.py), or with that off, gather (straight
+from the NCHW input, its transpose gone) + a 1x1 conv, with the same outputs."""
 
 from __future__ import annotations
 
@@ -91,25 +92,56 @@ def _calls(mod, op: str) -> list:
     return found
 
 
-def test_float_stem_becomes_gather_from_the_nchw_input_plus_pointwise_conv():
+def _run(mod, x):
     from apq.kernels.pipeline import compile_relax
     from apq.targets.registry import get_target
+
+    lib = compile_relax(mod, get_target("host").tvm())
+    return relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_float_stem_reads_the_nchw_input_directly_and_matches_the_gather_path_bit_for_bit():
+    """Default float policy: the stem is one direct conv over the NCHW input (its transpose
+    gone, no gather, no conv2d left); the gather + pointwise conv path (the policy's
+    ``direct_nchw_float=False``) sums the same products in the same order: equal bits."""
     from apq.toolchain.float_layout import gather_stems
+    from apq.toolchain.patch_gather import GatherPolicy, gather_few_channel_convs
 
     rng = np.random.default_rng(2)
     w = rng.standard_normal((3, 3, 3, 32)).astype(np.float32)
     mod = _float_stem_module(w)
-    new = gather_stems(mod)
+    direct = gather_stems(mod)
+    ops = _ops(direct)
+    assert "call_tir:conv2d_nchw_input" in ops and "relax.permute_dims" not in ops, ops
+    assert not _calls(direct, "relax.nn.conv2d") and "call_tir:im2col" not in ops
+    gathered, count = gather_few_channel_convs(mod, GatherPolicy("float32", "float32", direct_nchw_float=False))
+    assert count == 1 and "call_tir:im2col" in _ops(gathered)
+    x = rng.standard_normal((1, 3, 19, 19)).astype(np.float32)
+    want, via_gather, got = (_run(m, x) for m in (mod, gathered, direct))
+    assert got.shape == want.shape == (1, 10, 10, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got, via_gather)
+
+
+def test_float_stem_becomes_gather_from_the_nchw_input_plus_pointwise_conv():
+    from apq.toolchain.patch_gather import GatherPolicy, gather_few_channel_convs
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3, 3, 3, 32)).astype(np.float32)
+    mod = _float_stem_module(w)
+    new, _ = gather_few_channel_convs(mod, GatherPolicy("float32", "float32", direct_nchw_float=False))
+    new = relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(new))
     ops = _ops(new)
     assert "relax.permute_dims" not in ops and "call_tir:im2col" in ops  # the input transpose is gone
     convs = _calls(new, "relax.nn.conv2d")
     assert len(convs) == 1 and tuple(int(v) for v in convs[0].args[1].ty.shape) == (1, 1, 27, 32)
     x = rng.standard_normal((1, 3, 19, 19)).astype(np.float32)
-    target = get_target("host").tvm()
-    want, got = (relax.VirtualMachine(compile_relax(m, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-                 for m in (mod, new))
+    want, got = (_run(m, x) for m in (mod, new))
     assert got.shape == want.shape == (1, 10, 10, 32)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # a 16-channel conv is left alone
-    assert gather_stems(_float_stem_module(rng.standard_normal((3, 3, 16, 8)).astype(np.float32))).script().count("im2col") == 0
+    from apq.toolchain.float_layout import gather_stems
+
+    script = gather_stems(_float_stem_module(rng.standard_normal((3, 3, 16, 8)).astype(np.float32))).script()
+    assert "im2col" not in script and "conv2d_nchw_input" not in script
 

@@ -93,15 +93,16 @@ def to_nhwc(mod: Any) -> Any:
 
 
 def float_model_to_nhwc(mod: Any) -> Any:
-    """A float model's convs to NHWC/HWIO, and its stem to a patch gather read straight from the
-    NCHW input + a pointwise conv (:func:`gather_stems`)."""
+    """A float model's convs to NHWC/HWIO, and its stem to a direct conv read straight from the
+    NCHW input (:func:`gather_stems`)."""
     return gather_stems(convert_convs(mod))
 
 
 def gather_stems(mod: Any) -> Any:
-    """Few-input-channel float KxK convs (the RGB stem) -> patch gather + 1x1 conv over
-    ``kh * kw * C`` channels (toolchain/patch_gather.py). The gather reads the model's NCHW input
-    itself, so the input transpose ConvertLayout put there goes away."""
+    """Few-input-channel float KxK convs (the RGB stem) -> one conv reading the model's NCHW
+    input itself (kernels/nchw_input_conv.py), so the input transpose ConvertLayout put there goes
+    away; on an NHWC input (not the model input) -> patch gather + 1x1 conv over ``kh * kw * C``
+    channels (toolchain/patch_gather.py)."""
     from tvm import relax
 
     from apq.toolchain.patch_gather import GatherPolicy, gather_few_channel_convs
