@@ -186,7 +186,7 @@ def _tasks(fused: Any, target: Any) -> list[Any]:
 
 
 def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None = None,
-                progress: bool = True, schedule_cfg: Any = None) -> tuple[Any, TuneReport]:
+                progress: bool = True, schedule_cfg: Any = None, prepared: bool = False) -> tuple[Any, TuneReport]:
     """Tune ``mod``'s fused PrimFuncs for ``target``; returns (database of the chosen records, report).
 
     Three steps under the target database's lock: (1) MetaSchedule searches the tasks that have
@@ -196,7 +196,8 @@ def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None =
     replace a PrimFunc only with a faster one. Recompiling the same model runs no trials and
     measures nothing. ``target`` is a ``tvm.target.Target`` (LLVM CPU; candidates run here).
     ``schedule_cfg``: the build's CpuScheduleConfig (None: the target's), so the tasks are the
-    PrimFuncs the build fuses (e.g. with ``fuse_blocks`` off).
+    PrimFuncs the build fuses (e.g. with ``fuse_blocks`` off). ``prepared``: ``mod`` is already
+    ``pipeline.fused_module``'s output (fusing costs seconds per float model: do it once per build).
     """
     from apq.kernels.pipeline import fused_module
 
@@ -206,7 +207,7 @@ def tune_module(mod: Any, target: Any, cfg: TuneConfig, cache_dir: Path | None =
     with _locked(d):
         db = open_database(target, cache_dir)
         before = count_records(db)
-        tasks = _tasks(fused_module(mod, target, schedule_cfg), target)
+        tasks = _tasks(mod if prepared else fused_module(mod, target, schedule_cfg), target)
         book = load_choices(d)
         missing = [t for t in tasks if workload_key(t.dispatched[0]) not in book
                    and db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
@@ -307,22 +308,28 @@ def tunable(spec: Any) -> bool:
     return not spec.is_cross and spec.tvm_target.get("kind") == "llvm"
 
 
-def tune_for_target(mod: Any, spec: Any, cfg: TuneConfig, cache_dir: Path | None = None,
-                    progress: bool = True, schedule_cfg: Any = None) -> tuple[Any, TuneReport]:
-    """``tune_module`` for an apq TargetSpec, refusing targets whose code cannot run here."""
+def check_tunable(spec: Any) -> None:
+    """Raise the one-line user error for a target whose candidates cannot run on this machine."""
     if not tunable(spec):
         raise InvalidInputError(f"cannot tune for target {spec.name}: MetaSchedule times candidates on this "
                                 "machine, so tuning needs a native LLVM CPU target (e.g. host)")
-    return tune_module(mod, spec.tvm(), cfg, cache_dir, progress, schedule_cfg)
 
 
-def tuned_functions(mod: Any, target: Any, db: Any, schedule_cfg: Any = None) -> list[str]:
-    """Names of the fused PrimFuncs the database replaces in ``mod`` (what the build will run tuned)."""
+def tune_for_target(mod: Any, spec: Any, cfg: TuneConfig, cache_dir: Path | None = None,
+                    progress: bool = True, schedule_cfg: Any = None, prepared: bool = False) -> tuple[Any, TuneReport]:
+    """``tune_module`` for an apq TargetSpec, refusing targets whose code cannot run here."""
+    check_tunable(spec)
+    return tune_module(mod, spec.tvm(), cfg, cache_dir, progress, schedule_cfg, prepared)
+
+
+def tuned_functions(mod: Any, target: Any, db: Any, schedule_cfg: Any = None, prepared: bool = False) -> list[str]:
+    """Names of the fused PrimFuncs the database replaces in ``mod`` (what the build will run tuned);
+    ``prepared``: ``mod`` is already ``pipeline.fused_module``'s output."""
     from tvm import relax, tirx
 
     from apq.kernels.pipeline import fused_module
 
-    fused = fused_module(mod, target, schedule_cfg)
+    fused = mod if prepared else fused_module(mod, target, schedule_cfg)
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(fused)
 

@@ -293,3 +293,28 @@ def test_cli_tune_trials_end_to_end(tmp_path, monkeypatch, capsys):
     assert second["verify"]["passed"] and second["tuning"]["new_records"] == 0
     assert second["tuning"]["measured_tasks"] == 0
     assert count_records(open_database(get_target("host"), create=False)) == records  # no new trials
+
+
+def test_compile_with_both_tuners_fuses_the_module_once(tmp_path, monkeypatch):
+    """``--tune-trials`` + ``--knob-tune``: MetaSchedule's tasks, its tuned-function report, the
+    knob tuner and the build all use one fused module (fusing constant-folds every weight:
+    seconds per float model), and the artifact still matches onnxruntime."""
+    from apq.kernels import knob_tuning, pipeline
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning_choice, "measure_modules", lambda mods, target, cfg: [1.0] * len(mods))
+    monkeypatch.setattr(knob_tuning, "time_candidates", lambda funcs, target, cfg, seed=0: [1.0] * len(funcs))
+    onnx_path = _tiny_conv(tmp_path / "tiny.onnx")
+    spec = get_target("host")
+    _seed_record(_lowered(onnx_path, spec), spec.tvm(), None)  # no search: a record is already there
+    calls = []
+    real = pipeline.fused_module
+    monkeypatch.setattr(pipeline, "fused_module", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(knob_tuning, "fused_module", pipeline.fused_module)
+    res = compile_onnx(onnx_path, "host", tmp_path / "both.apq", options=CompileOptions(tune_trials=4, knob_tune=True))
+    assert len(calls) == 1, len(calls)
+    assert res.manifest["compile"]["tuning"]["tasks"] >= 1 and res.manifest["compile"]["knob_tuning"]
+    ver = verify_artifact(open_artifact(res.artifact_path), onnx_path)
+    assert ver.passed, ver.to_json()

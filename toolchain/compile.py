@@ -164,31 +164,53 @@ def schedule_config(target: TargetSpec, options: CompileOptions):
     return cfg if options.fuse_blocks else dataclasses.replace(cfg, fuse_blocks=False)
 
 
-def tune_library(mod, target: TargetSpec, trials: int, progress: bool = False, schedule_cfg=None):
-    """MetaSchedule records for ``mod`` (kernels/tuning.py) -> (database, report json), or (None, None)."""
+def fuse_for_tuning(mod, target: TargetSpec, options: CompileOptions, schedule_cfg=None):
+    """``(module, prepared)``: when a tuner runs (``--tune-trials``, ``--knob-tune``), ``mod`` fused
+    once (``pipeline.fused_module``) for the tuners and the build to share, else ``mod`` as is.
+    Why: fusing constant-folds every weight (seconds per float model); each consumer fusing again
+    repeated it up to four times. Targets a tuner refuses get their one-line error first."""
+    if not options.tune_trials and not options.knob_tune:
+        return mod, False
+    if options.knob_tune:
+        from apq.kernels.knob_tuning import check_tunable
+
+        check_tunable(target)  # one-line refusal for targets whose kernels cannot be timed here
+    if options.tune_trials:
+        from apq.kernels.tuning import check_tunable as check_tunable_ms
+
+        check_tunable_ms(target)
+    from apq.kernels.pipeline import fused_module
+
+    return fused_module(mod, target.tvm(), schedule_cfg), True
+
+
+def tune_library(mod, target: TargetSpec, trials: int, progress: bool = False, schedule_cfg=None,
+                 prepared: bool = False):
+    """MetaSchedule records for ``mod`` (kernels/tuning.py) -> (database, report json), or (None, None).
+    ``prepared``: ``mod`` is :func:`fuse_for_tuning`'s fused module."""
     if trials == 0:
         return None, None
     from apq.kernels.tuning import TuneConfig, tune_for_target, tuned_functions
 
-    db, report = tune_for_target(mod, target, TuneConfig(trials=trials), progress=progress, schedule_cfg=schedule_cfg)
+    db, report = tune_for_target(mod, target, TuneConfig(trials=trials), progress=progress, schedule_cfg=schedule_cfg,
+                                 prepared=prepared)
     info = report.to_json()
-    info["tuned_functions"] = tuned_functions(mod, target.tvm(), db, schedule_cfg)
+    info["tuned_functions"] = tuned_functions(mod, target.tvm(), db, schedule_cfg, prepared)
     return db, info
 
 
-def knob_tune_library(mod, target: TargetSpec, enabled: bool, progress: bool = False, schedule_cfg=None):
-    """Knob-tuned schedule choices (kernels/knob_tuning.py) -> (knobs, report json, fused module), or
-    (None, None, mod). The fused module is what the tuner timed: build it with ``prepared=True``
-    rather than fusing ``mod`` again (constant folding costs seconds per float model)."""
+def knob_tune_library(mod, target: TargetSpec, enabled: bool, progress: bool = False, schedule_cfg=None,
+                      prepared: bool = False):
+    """Knob-tuned schedule choices (kernels/knob_tuning.py) -> (knobs, report json), or (None, None).
+    ``prepared``: ``mod`` is :func:`fuse_for_tuning`'s fused module (what the tuner times and the
+    build compiles with ``prepared=True``)."""
     if not enabled:
-        return None, None, mod
+        return None, None
     from apq.kernels.knob_tuning import check_tunable, knob_tune
-    from apq.kernels.pipeline import fused_module
 
-    check_tunable(target)  # one-line refusal for targets whose kernels cannot be timed here
-    fused = fused_module(mod, target.tvm(), schedule_cfg)
-    knobs, report = knob_tune(fused, target.tvm(), progress=progress, prepared=True, schedule_cfg=schedule_cfg)
-    return knobs, report.to_json(), fused
+    check_tunable(target)
+    knobs, report = knob_tune(mod, target.tvm(), progress=progress, prepared=prepared, schedule_cfg=schedule_cfg)
+    return knobs, report.to_json()
 
 
 def build_library(mod, target: TargetSpec, out_dir: Path, database=None) -> Path:
@@ -286,10 +308,11 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
     outputs = _output_specs(mod, output_names(model))
     steps.update(1)
     sched_cfg = schedule_config(spec, options)
-    database, tuning = tune_library(mod, spec, options.tune_trials, progress, sched_cfg)
-    knobs, knob_report, mod = knob_tune_library(mod, spec, options.knob_tune, progress, sched_cfg)
+    mod, prepared = fuse_for_tuning(mod, spec, options, sched_cfg)
+    database, tuning = tune_library(mod, spec, options.tune_trials, progress, sched_cfg, prepared)
+    knobs, knob_report = knob_tune_library(mod, spec, options.knob_tune, progress, sched_cfg, prepared)
     with tempfile.TemporaryDirectory(prefix="apq-build-") as tmp:
-        lib, calls = build_library_traced(mod, spec, Path(tmp), database, knobs, prepared=options.knob_tune,
+        lib, calls = build_library_traced(mod, spec, Path(tmp), database, knobs, prepared=prepared,
                                           schedule_cfg=sched_cfg)
         layers = attach_impls(layers, calls)
         steps.update(1)
