@@ -117,6 +117,17 @@ def _clip(call: Any, bound: Any) -> float | None:
     return max(abs(v) for v in limits)
 
 
+def _conv(call: Any, bound: Any) -> float | None:
+    """A conv of a bounded input with constant weights: every output sums a subset of the
+    products, so ``|out| <= max|x| * sum|w|`` whatever the layout, groups or padding (padding
+    adds zeros; a zero point is padded explicitly, as data). Covers the exact float-accumulated
+    integer convs of qdq_lowering, whose output is float32."""
+    x, w = bound(call.args[0]), const_value(call.args[1])
+    if x is None or w is None or not np.all(np.isfinite(w.astype(np.float64))):
+        return None
+    return x * float(np.abs(w.astype(np.float64)).sum()) * _ROUNDING_SLACK
+
+
 def _prim_or_const(expr: Any) -> float | None:
     """A finite number from a Relax PrimValue or scalar constant, else None."""
     value = getattr(getattr(expr, "value", None), "value", None)  # relax.PrimValue(FloatImm/IntImm)
@@ -136,6 +147,7 @@ _RULES = {
     "relax.clip": _clip,
     "relax.nn.relu": lambda c, b: b(c.args[0]),
     "relax.mean": _mean,
+    "relax.nn.conv2d": _conv,
     # value-preserving: |out| <= max |in|
     "relax.reshape": lambda c, b: b(c.args[0]),
     "relax.permute_dims": lambda c, b: b(c.args[0]),

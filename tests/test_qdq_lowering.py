@@ -382,3 +382,29 @@ def test_lowering_accumulates_kxk_convs_in_float_only_when_asked_and_stays_exact
     assert [k for k, _, _ in kernels[1]][:2] == ["conv2d.uint8xint8->float32"] * 2  # stem, depthwise
     assert kernels[1][2][0] == "conv2d.uint8xint8->int32"  # the 1x1 conv
     assert [(w, a) for _, w, a in kernels[0]] == [(w, a) for _, w, a in kernels[1]]  # still 8-bit layers
+
+
+def test_float_accumulated_convs_add_their_bias_in_float_with_identical_outputs(tmp_path, monkeypatch):
+    """Where exact (:func:`_float_offset_is_exact`), a float-accumulated conv adds its bias and
+    zero-point offset in float32: no ``astype`` to int32 and back in its epilogue. Outputs are
+    bit-identical to the int32 route, which a too-large offset still takes."""
+    from apq.toolchain import qdq_lowering
+    from apq.toolchain.qdq_lowering import F32_EXACT_INT, _float_offset_is_exact
+
+    model = _ort_qdq(tmp_path, True, QuantType.QUInt8)
+    xs = _inputs(3)
+    fast = lower_qdq(_import(model), read_bits_hint(model), float_accumulation=True)
+    to_int = [c for c in _calls(fast, "relax.astype") if str(c.attrs.dtype) == "int32"]
+    float_convs = [c for c in _calls(fast, "relax.nn.conv2d") if str(c.attrs.out_dtype) == "float32"]
+    assert len(float_convs) == 2 and not to_int  # stem and depthwise, no int32 round trip
+    monkeypatch.setattr(qdq_lowering, "_float_offset_is_exact", lambda *a: False)
+    slow = lower_qdq(_import(model), read_bits_hint(model), float_accumulation=True)
+    assert len([c for c in _calls(slow, "relax.astype") if str(c.attrs.dtype) == "int32"]) == 2
+    for a, b in zip(_run_tvm(fast, xs), _run_tvm(slow, xs)):
+        np.testing.assert_array_equal(a, b)
+    # the bound: |acc| <= 255 * 9 * 128 for this depthwise weight, plus the largest |offset|
+    w = np.full((4, 1, 3, 3), -128, np.int8)
+    room = F32_EXACT_INT - 255 * 9 * 128
+    assert _float_offset_is_exact(w, "uint8", np.array([0, -room, 5, 0]))
+    assert not _float_offset_is_exact(w, "uint8", np.array([0, -room - 1, 5, 0]))
+    assert not _float_offset_is_exact(w, "int32", np.zeros(4, np.int64))

@@ -237,3 +237,20 @@ def test_quantize_of_an_unbounded_float_keeps_its_clamp(mbv2_qdq):
     first_input = [q for q in quantizes if isinstance(q.args[0], relax.Var) and q.args[0].same_as(mod["main"].params[0])]
     _, rewritten = drop_proven_clamps(mod)
     assert len(first_input) == 1 and rewritten == len(quantizes) - 1
+
+
+def test_conv_of_a_bounded_input_with_constant_weights_is_bounded():
+    """``|conv(x, W)| <= max|x| * sum|W|`` (each output sums a subset of the products): the bound
+    that lets a float-accumulated integer conv's requantize drop its clamp; an unknown weight
+    proves nothing."""
+    from tvm import relax
+
+    from apq.kernels.requantize_bounds import value_bound
+
+    w = np.arange(-8, 10, dtype=np.int8).reshape(2, 1, 3, 3)
+    x = relax.Var("x", relax.TensorType((1, 2, 5, 5), "uint8"))
+    conv = relax.op.nn.conv2d(x, relax.const(w), groups=2, out_dtype="float32")
+    bound = value_bound(conv, {})
+    assert 255 * np.abs(w.astype(np.int64)).sum() <= bound <= 255 * np.abs(w.astype(np.int64)).sum() * 1.001
+    free = relax.Var("w", relax.TensorType((2, 1, 3, 3), "int8"))
+    assert value_bound(relax.op.nn.conv2d(x, free, groups=2, out_dtype="float32"), {}) is None
