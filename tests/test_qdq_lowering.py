@@ -185,6 +185,10 @@ def test_ort_quantized_model_runs_integer_kernels_and_matches_ort(tmp_path, per_
     pads = _calls(lowered, "relax.nn.pad")
     assert len(pads) == (1 if act == QuantType.QUInt8 else 2)
     assert all(float(p.attrs.pad_value) != 0.0 for p in pads)
+    # the zero point's share and the bias are one int32 constant added once per layer
+    assert not _calls(lowered, "relax.subtract")
+    int_adds = [c for c in _calls(lowered, "relax.add") if str(c.ty.dtype) == "int32"]
+    assert len(int_adds) == len(layers), [str(c.ty.dtype) for c in _calls(lowered, "relax.add")]
 
     # (b) parity with onnxruntime's QDQ execution within one output quantization step
     xs = _inputs()
