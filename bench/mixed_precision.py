@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 #: (expand ratio, out channels, repeats, stride): examples.MBV2_STAGES with deeper middle stages (10 blocks).
 STAGES = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 2), (4, 96, 2, 1)]

@@ -422,7 +422,8 @@ def schedule_reduction_generic(sch: Any, block: Any, cfg: CpuScheduleConfig) -> 
         # a channels-last reduction (NHWC global pooling): reduce whole channel vectors, the
         # reduction loops outside the contiguous spatial loop (same per-element summation order)
         sch.reorder(*spatial[:-1], *reduce, spatial[-1])
-        outer = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        if len(spatial) > 2:
+            sch.fuse(*spatial[:-1])
         _, vec = sch.split(spatial[-1], [None, lanes])
         sch.vectorize(vec)  # before decomposing: the vector loop must hold a whole reduction block
         init = sch.decompose_reduction(block, reduce[0])

@@ -20,7 +20,7 @@ import functools
 import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from apq.toolchain.errors import UnknownTargetError

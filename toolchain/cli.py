@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from apq.toolchain.errors import ApqError, InvalidInputError

@@ -13,7 +13,7 @@ is already there, so an interrupted demo resumes where it stopped):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 

@@ -84,9 +84,6 @@ MBV2_STAGES = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 2), (4, 9
 def mobilenetv2_onnx(path: str | Path, resolution: int = 32, channels: int = 3, classes: int = 10,
                      width: float = 1.0, seed: int = 0) -> Path:
     """A MobileNetV2-style float model (inverted residuals, depthwise 3x3, ReLU6)."""
-    import onnx
-    from onnx import TensorProto, helper
-
     g = _GraphBuilder(np.random.default_rng(seed), [], [])
     c = int(32 * width)
     x = g.conv("input", channels, c, 3, stride=1 if resolution <= 64 else 2)
