@@ -125,6 +125,7 @@ def _block_impl(block: Any) -> str:
     """The instruction path of one dot block: an intrinsic found in its body, else its dtypes."""
     import tvm_ffi
     from tvm import ir, tirx
+    from tvm.ir.expr import TensorLoad
 
     found: list[str] = []
 
@@ -137,7 +138,11 @@ def _block_impl(block: Any) -> str:
     if found:
         return min(found, key=_PRIORITY.index)
     outs = [_buffer(w) for w in block.writes]
-    operands = [_buffer(r) for r in block.reads if not any(_buffer(r).same_as(o) for o in outs)]
+    # the operands its update multiplies: what the body loads (a bias read by the block's init,
+    # kernels/bias_init.py, is not one of them), not every declared read
+    loaded: list[Any] = []
+    tvm_ffi.structural_walk(block.body, [(TensorLoad, lambda load: loaded.append(load.source))])
+    operands = [b for b in loaded if not any(b.same_as(o) for o in outs)]
     if any(_dtype(b).startswith(("float", "bfloat")) for b in operands):
         return "float"
     if any(_dtype(o).startswith(("float", "bfloat")) for o in outs):
