@@ -95,7 +95,7 @@ def fold_bias_into_init(func: Any) -> tuple[Any, int]:
         add, (acc, bias) = readers[0], found
         to_conv = dict(zip((iv.var for iv in add.iter_vars), spatial))
         index = [tvm_ffi.structural_map(i, (tirx.Var, lambda v: to_conv.get(v, v))) for i in bias.indices]
-        region = ir.TensorRegion(bias.source, [ir.Range.from_min_extent(i, 1) for i in index], conv.reads[0].ty)
+        region = tirx.BufferRegion(bias.source, [ir.Range.from_min_extent(i, 1) for i in index])
         new_conv = s_tir.SBlock(conv.iter_vars, [*conv.reads, region], conv.writes, conv.name_hint, conv.body,
                                 tirx.BufferStore(init.buffer, tirx.BufferLoad(bias.source, index), init.indices),
                                 conv.alloc_buffers, conv.match_buffers, conv.annotations)

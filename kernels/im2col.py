@@ -29,6 +29,11 @@ IM2COL_BLOCK = "apq_im2col"
 SOURCE_LAYOUTS = ("NHWC", "NCHW")
 
 
+def conv_output_extent(size: int, kernel: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
+    """Output rows (or columns) of a conv over ``size`` input rows with this padding."""
+    return (size + pad_before + pad_after - (kernel - 1) * dilation - 1) // stride + 1
+
+
 def im2col_depth(kh: int, kw: int, in_channels: int, multiple: int = 1) -> int:
     """Patch length ``kh * kw * in_channels`` rounded up to a multiple of ``multiple``."""
     return -(-kh * kw * in_channels // multiple) * multiple
@@ -63,8 +68,7 @@ def im2col_compute(kh: int, kw: int, strides: tuple[int, int], dilation: tuple[i
     def compute(data: Any) -> Any:
         n, d1, d2, d3 = (int(v) for v in data.shape)
         c, h, w = (d1, d2, d3) if nchw else (d3, d1, d2)
-        oh = (h + top + bottom - (kh - 1) * dy - 1) // sy + 1
-        ow = (w + left + right - (kw - 1) * dx - 1) // sx + 1
+        oh, ow = conv_output_extent(h, kh, sy, dy, top, bottom), conv_output_extent(w, kw, sx, dx, left, right)
         taps = kh * kw * c
 
         def element(b: Any, y: Any, x: Any, k: Any) -> Any:
@@ -105,5 +109,5 @@ def schedule_im2col(sch: Any, block: Any, cfg: Any) -> bool:
     return True
 
 
-__all__ = ["IM2COL_BLOCK", "SOURCE_LAYOUTS", "find_im2col", "im2col_compute", "im2col_depth", "im2col_weight",
-           "schedule_im2col"]
+__all__ = ["IM2COL_BLOCK", "SOURCE_LAYOUTS", "conv_output_extent", "find_im2col", "im2col_compute", "im2col_depth",
+           "im2col_weight", "schedule_im2col"]

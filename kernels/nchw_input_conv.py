@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from apq.kernels.im2col import conv_output_extent
+
 #: TE compute names the schedule rule (:func:`find_nchw_input_conv`) recognises.
 CONV_BLOCK = "apq_nchw_input_conv"
 PAD_BLOCK = "apq_nchw_input_pad"
@@ -45,8 +47,7 @@ def nchw_input_conv_compute(kh: int, kw: int, strides: tuple[int, int], dilation
     def compute(data: Any, weight: Any) -> Any:
         n, c, h, w = (int(v) for v in data.shape)
         oc = int(weight.shape[3])
-        oh = (h + top + bottom - (kh - 1) * dy - 1) // sy + 1
-        ow = (w + left + right - (kw - 1) * dx - 1) // sx + 1
+        oh, ow = conv_output_extent(h, kh, sy, dy, top, bottom), conv_output_extent(w, kw, sx, dx, left, right)
         # only the rows and columns the conv reads (bottom/right padding past them is never used)
         ph, pw = (oh - 1) * sy + (kh - 1) * dy + 1, (ow - 1) * sx + (kw - 1) * dx + 1
 

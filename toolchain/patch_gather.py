@@ -120,12 +120,13 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
                 return call
             count += 1
             a = call.attrs
+            # (kh, kw, strides, dilation, padding): both kernels' compute factories start with these
+            geometry = (w.shape[0], w.shape[1], *(tuple(int(v) for v in getattr(a, f))
+                                                  for f in ("strides", "dilation", "padding")))
             source, layout = self._source(call.args[0])
             if layout == "NCHW" and not integer and policy.direct_nchw_float:
-                return self._direct(source, w, a)
-            gather = im2col_compute(w.shape[0], w.shape[1], tuple(int(v) for v in a.strides),
-                                    tuple(int(v) for v in a.dilation), tuple(int(v) for v in a.padding),
-                                    0, policy.depth_multiple, layout)
+                return self._direct(source, w, geometry)
+            gather = im2col_compute(*geometry, 0, policy.depth_multiple, layout)
             cols = self.builder_.emit(self.builder_.call_te(gather, source, primfunc_name_hint="im2col",
                                                             primfunc_attrs={"op_pattern": _OPAQUE}))
             declared = str(a.out_dtype)
@@ -139,10 +140,9 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
             self.widened.append(widened)
             return widened
 
-        def _direct(self, source: Any, w: Any, a: Any) -> Any:
+        def _direct(self, source: Any, w: Any, geometry: tuple) -> Any:
             """The conv as one PrimFunc reading the NCHW source (kernels/nchw_input_conv.py)."""
-            conv = nchw_input_conv_compute(w.shape[0], w.shape[1], tuple(int(v) for v in a.strides),
-                                           tuple(int(v) for v in a.dilation), tuple(int(v) for v in a.padding))
+            conv = nchw_input_conv_compute(*geometry)
             return self.builder_.call_te(conv, source, relax.const(w), primfunc_name_hint="conv2d_nchw_input",
                                          primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
 

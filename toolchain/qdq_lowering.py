@@ -300,11 +300,17 @@ def float_accumulation_is_exact(w: np.ndarray, data_dtype: str) -> bool:
     3-channel 3x3 stem: 27 * 255 * 128 = 881,280; both far below 2^24 = 16,777,216. The check
     uses the actual weights, so it holds for the constants compiled, not just for typical ones.
     """
+    bound = _accumulator_bound(w, data_dtype)
+    return bound is not None and bound <= F32_EXACT_INT
+
+
+def _accumulator_bound(w: np.ndarray, data_dtype: str) -> int | None:
+    """``B = xmax * max_c sum(|w[c]|)``, the largest magnitude any partial sum of
+    ``conv2d(x, w)`` reaches (:func:`float_accumulation_is_exact`), or None for other operands."""
     xmax = {"uint8": 255, "int8": 128}.get(data_dtype)
     if xmax is None or w.ndim != 4 or w.size == 0:
-        return False
-    per_channel = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1)
-    return int(per_channel.max()) * xmax <= F32_EXACT_INT
+        return None
+    return int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1).max()) * xmax
 
 
 def _float_offset_is_exact(w: np.ndarray, data_dtype: str, offset: np.ndarray) -> bool:
@@ -318,11 +324,14 @@ def _float_offset_is_exact(w: np.ndarray, data_dtype: str, offset: np.ndarray) -
     and ``|acc + offset| <= B + max|offset|``; so the float add rounds nothing and equals the
     int32 sum, converted, bit for bit.
     """
-    xmax = {"uint8": 255, "int8": 128}.get(data_dtype)
-    if xmax is None:
-        return False
-    bound = int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1).max()) * xmax
-    return bound + int(np.abs(offset).max(initial=0)) <= F32_EXACT_INT
+    bound = _accumulator_bound(w, data_dtype)
+    return bound is not None and bound + int(np.abs(offset).max(initial=0)) <= F32_EXACT_INT
+
+
+def _offset(bias_q: np.ndarray | None, zero_share: np.ndarray) -> np.ndarray:
+    """Per output channel, what the epilogue adds to the accumulator: the int32 bias (if any)
+    minus the activation zero point's share ``z_x * sum(W[c])``, in int64."""
+    return (bias_q.astype(np.int64) if bias_q is not None else 0) - zero_share.astype(np.int64)
 
 
 def _rescale_float(acc: Any, offset: np.ndarray, out_scale: np.ndarray, bshape: tuple[int, ...]) -> Any:
@@ -365,7 +374,7 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     data_dtype = str(data.ty.dtype)
     float_acc = (state.float_accumulation and w.shape[2] * w.shape[3] > 1
                  and float_accumulation_is_exact(w, data_dtype))
-    if state.uint8_pointwise and pointwise and str(data.ty.dtype) == "int8":
+    if state.uint8_pointwise and pointwise and data_dtype == "int8":
         data = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16")), "uint8")
         zx += 128
     if zx != 0 and any(padding):
@@ -375,7 +384,7 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
         padding = [0, 0, 0, 0]
     wsum = w.astype(np.int64).reshape(out_ch, -1).sum(axis=1)
     state.weight(w, w)
-    offset = (bias_q.astype(np.int64) if bias_q is not None else np.zeros(out_ch, np.int64)) - zx * wsum
+    offset = _offset(bias_q, zx * wsum)
     if float_acc:  # exact (float_accumulation_is_exact); operands stay 8-bit integers in memory
         acc = relax.op.nn.conv2d(data, relax.const(w), padding=padding, **{**kwargs, "out_dtype": "float32"})
         if _float_offset_is_exact(w, data_dtype, offset):
@@ -407,8 +416,7 @@ def _lower_matmul(state: _Lowering, m: _Match) -> Any | None:
         return None
     acc = relax.op.matmul(_Dequant.of(m.x).q, relax.const(w_kn), out_dtype="int32")
     # no padding in a matmul: the zero point's share is a per-column constant
-    offset = (bias_q.astype(np.int64) if bias_q is not None else np.zeros(out_ch, np.int64)) \
-        - zx * w_kn.astype(np.int64).sum(axis=0)
+    offset = _offset(bias_q, zx * w_kn.astype(np.int64).sum(axis=0))
     state.weight(w, w_kn)
     return _rescale(acc, out_scale, offset, (out_ch,))
 
