@@ -16,7 +16,8 @@ question "is apq's mixed model faster than what onnxruntime runs for an int8 mod
 ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled: what the bit-serial
 kernels themselves buy), ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the bit-serial build
 without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
-toolchain/layout.py). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
+toolchain/layout.py), ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
+requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def time_ort(onnx_path: Path, art, threads: int, cfg):
 
 #: per-kernel groups of the --transposes table: (group, test on the kernel name), first match wins
 KERNEL_GROUPS: tuple[tuple[str, Any], ...] = (
-    ("bitserial_ms", lambda n: n.startswith("bitserial")),
+    ("bitserial_ms", lambda n: n.startswith("bitserial") or n.startswith("fused_bitserial")),  # + fused epilogues
     ("standalone_transpose_ms", lambda n: n.startswith("transpose")),  # could not fuse (after an int8 conv)
     ("epilogue_with_transpose_ms", lambda n: n.startswith("fused_transpose")),  # NHWC->NCHW + requantize
     ("int8_conv_ms", lambda n: n.startswith("fused_conv2d") or n.startswith("fused_matmul")),
@@ -160,7 +161,8 @@ def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False
             # the same bit-serial kernels with the older layouts: transposes around every kernel
             # (nhwc_runs off), NHWC runs but the int8 depthwise convs in NCHW (nhwc_depthwise off)
             for key, pol in (("apq_transposing_ms", BitserialPolicy(nhwc_runs=False)),
-                             ("apq_nchw_depthwise_ms", BitserialPolicy(nhwc_depthwise=False))):
+                             ("apq_nchw_depthwise_ms", BitserialPolicy(nhwc_depthwise=False)),
+                             ("apq_opaque_epilogues_ms", BitserialPolicy(fuse_epilogues=False))):
                 st, _, _ = time_apq(path, work / f"{path.stem}_{key}.apq", threads, cfg, CompileOptions(bitserial=pol))
                 rec[key] = round(st.median_ms, 4)
             if transposes:
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         mixed = records[-1]
         print(f"mixed: apq {mixed['apq_ms']:.3f} ms (same file, bit-serial off: {mixed['apq_int8_path_ms']:.3f} ms; "
               f"transposes around every bit-serial kernel: {mixed['apq_transposing_ms']:.3f} ms; "
-              f"NCHW depthwise: {mixed['apq_nchw_depthwise_ms']:.3f} ms); "
+              f"NCHW depthwise: {mixed['apq_nchw_depthwise_ms']:.3f} ms; "
+              f"epilogues as kernels of their own: {mixed['apq_opaque_epilogues_ms']:.3f} ms); "
               f"onnxruntime int8 model / apq mixed = {mixed['speedup_vs_ort_int8']}")
     return 0
 

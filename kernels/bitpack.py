@@ -215,6 +215,20 @@ def pack_depthwise_activations(x: np.ndarray, a_bits: int, kernel_size: int, str
 # ----------------------------------------------------------------------------- TE packers
 
 
+def index_dtype_of(x) -> str:
+    """The integer type of a TE tensor's shape: what every extent of a compute over it uses
+    (int32 for apq's standalone kernels, int64 for kernels fused into Relax's int64 code)."""
+    dim = x.shape[0]
+    return str(getattr(dim, "ty", None) or getattr(dim, "dtype", None) or "int32")  # TVM 0.27 IntImm: .ty
+
+
+def te_extent(value: int, index_dtype: str):
+    """A shape / loop extent of ``index_dtype`` (one index type per PrimFunc: mixed types fail to build)."""
+    from tvm import tirx
+
+    return tirx.IntImm(index_dtype, int(value))
+
+
 def te_pack_activations_nhwc(x, a_bits: int, padding: int = 0, word_bits: int = 32, name: str = "xpack"):
     """TE: (N, H, W, C) unsigned ints -> zero-padded (N, H+2p, W+2p, CW, a_bits) words.
 
@@ -224,9 +238,10 @@ def te_pack_activations_nhwc(x, a_bits: int, padding: int = 0, word_bits: int = 
     from tvm import te, tirx
 
     n, h, w, c = (int(s) for s in x.shape)
+    idx = index_dtype_of(x)
     wdt = word_dtype(word_bits)
     cw = num_words(c, word_bits)
-    b = te.reduce_axis((0, word_bits), "b")
+    b = te.reduce_axis((te_extent(0, idx), te_extent(word_bits, idx)), "b")
 
     def body(nn, hh, ww, ci, i):
         ch = ci * word_bits + b
@@ -236,7 +251,8 @@ def te_pack_activations_nhwc(x, a_bits: int, padding: int = 0, word_bits: int = 
         bit = (val >> i.astype(wdt)) & tirx.const(1, wdt)
         return te.sum(bit << b.astype(wdt), axis=b)
 
-    return te.compute((n, h + 2 * padding, w + 2 * padding, cw, a_bits), body, name=name)
+    shape = tuple(te_extent(v, idx) for v in (n, h + 2 * padding, w + 2 * padding, cw, a_bits))
+    return te.compute(shape, body, name=name)
 
 
 _GATHER_MUL = 0x0102040810204080  # moves bit 8k of a uint64 to bit 56+k (no carries: see below)
@@ -278,7 +294,9 @@ def te_pack_activations_nhwc_swar(x, a_bits: int, padding: int = 0, word_bits: i
             word = word | te.if_then_else(ok, byte << tirx.const(8 * g, wdt), tirx.const(0, wdt))
         return word
 
-    return te.compute((n, h + 2 * padding, w + 2 * padding, cw, a_bits), body, name=name)
+    idx = index_dtype_of(x)
+    shape = tuple(te_extent(v, idx) for v in (n, h + 2 * padding, w + 2 * padding, cw, a_bits))
+    return te.compute(shape, body, name=name)
 
 
 def te_pack_depthwise_activations(x, a_bits: int, kernel_size: int, stride: int, padding: int,

@@ -139,7 +139,12 @@ def _channel_packer(x, channels: int):
 
 
 def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv"):
-    """TE: x (N, H, W, C) unsigned ints, w_packed (KH, KW, CW, w_bits, O) -> int32 (N, OH, OW, O)."""
+    """TE: x (N, H, W, C) unsigned ints, w_packed (KH, KW, CW, w_bits, O) -> int32 (N, OH, OW, O).
+
+    Every extent has ``x``'s index type (:func:`bitpack.index_dtype_of`): int64 when the kernel is
+    to be fused with Relax's int64 epilogues (FuseTIR maps the kernel's output and the epilogue's
+    input to one buffer and rejects a type mismatch).
+    """
     from tvm import te
 
     n, h, w, c = (int(s) for s in x.shape)
@@ -149,15 +154,19 @@ def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv
     s = cfg.stride
     oh, ow = conv_out_size(h, kh, s, cfg.padding), conv_out_size(w, kw, s, cfg.padding)
     xp = _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
-    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
-    rc = te.reduce_axis((0, cw), "rc")
-    ri, rj = te.reduce_axis((0, cfg.a_bits), "ri"), te.reduce_axis((0, cfg.w_bits), "rj")
+    idx = bitpack.index_dtype_of(x)
+
+    def axis(extent: int, label: str):
+        return te.reduce_axis((bitpack.te_extent(0, idx), bitpack.te_extent(extent, idx)), label)
+
+    rh, rw, rc = axis(kh, "rh"), axis(kw, "rw"), axis(cw, "rc")
+    ri, rj = axis(cfg.a_bits, "ri"), axis(cfg.w_bits, "rj")
 
     def body(nn, y, xo, oc):
         a = xp[nn, y * s + rh, xo * s + rw, rc, ri]
         return te.sum(_plane_term(a, w_packed[rh, rw, rc, rj, oc], ri, rj, cfg), axis=[rh, rw, rc, ri, rj])
 
-    return te.compute((n, oh, ow, o), body, name=name)
+    return te.compute(tuple(bitpack.te_extent(v, idx) for v in (n, oh, ow, o)), body, name=name)
 
 
 DW_PACKERS = {
@@ -331,10 +340,20 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     par = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
     if sc.parallel:
         sch.parallel(par)
-    # accumulate in a register tile, written back after the reduction
-    cache = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(cache, outer[-1])
-    sch.vectorize(sch.get_loops(cache)[-1])
+    if _writes_func_output(sch, block):
+        # accumulate in a register tile, written back after the reduction
+        cache = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(cache, outer[-1])
+        sch.vectorize(sch.get_loops(cache)[-1])
+    else:
+        # fused with its epilogue (schedule_fused_pointwise): the accumulator tile lives in
+        # registers and the epilogue, computed per tile, reads it there (no int32 round trip)
+        sch.set_scope(block, 0, "local")
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            raise ValueError("a fused bit-serial conv needs exactly one epilogue block")
+        sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
+        _vectorize_inner(sch, sch.get_loops(consumers[0])[-1], lanes)
     # vectorise while the block still has its init (a "local reduction block"); decompose after
     for lp in tile[:-1]:
         sch.unroll(lp)
@@ -345,6 +364,22 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     init = sch.decompose_reduction(block, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return par, outer[-1]  # the parallel row loop and the output-tile loop
+
+
+def _writes_func_output(sch, block) -> bool:
+    from apq.kernels.cpu_schedules import _is_output_block
+
+    return _is_output_block(sch, block, None)
+
+
+def _vectorize_inner(sch, loop, lanes: int) -> None:
+    """Vectorize ``loop`` (or its inner part split by the largest divisor <= ``lanes``)."""
+    ext = int(sch.get(loop).extent)
+    vec = _largest_divisor(ext, lanes)
+    if vec == ext and ext > 1:
+        sch.vectorize(loop)
+    elif vec > 1:
+        sch.vectorize(sch.split(loop, [None, vec])[1])
 
 
 def _schedule_pack_block(sch, block_name: str, parallel: bool) -> None:
@@ -394,18 +429,58 @@ def _with_symbol(func, name: str):
     return func.with_attr("global_symbol", name)
 
 
-def conv2d_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: BitserialConfig,
-                    target=None, sched: ScheduleConfig | None = None, x_dtype: str = "uint8"):
-    """Scheduled PrimFunc ``(x, w_packed) -> out`` for a bit-serial NHWC conv2d."""
-    from tvm import te
+#: (kind, block name) stages of the conv2d compute, in the order _schedule takes them.
+CONV_STAGES = (("pack", "xpack"), ("red", "bsconv"))
 
-    x = te.placeholder(tuple(x_shape), x_dtype, name="x")
-    w = te.placeholder(tuple(w_packed_shape), bitpack.word_dtype(cfg.word_bits), name="w")
+
+def conv2d_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: BitserialConfig,
+                    target=None, sched: ScheduleConfig | None = None, x_dtype: str = "uint8",
+                    scheduled: bool = True):
+    """PrimFunc ``(x, w_packed) -> out`` for a bit-serial NHWC conv2d: scheduled, or (``scheduled``
+    False) the bare compute, for a Relax module that fuses its epilogue into it first
+    (:func:`schedule_fused_pointwise` then schedules the fused PrimFunc)."""
+    from tvm import te, tirx
+
+    index_dtype = "int32" if scheduled else "int64"
+    x = te.placeholder(tuple(tirx.IntImm(index_dtype, int(v)) for v in x_shape), x_dtype, name="x")
+    w = te.placeholder(tuple(tirx.IntImm(index_dtype, int(v)) for v in w_packed_shape),
+                       bitpack.word_dtype(cfg.word_bits), name="w")
     out = bitserial_conv2d_nhwc(x, w, cfg)
     func = te.create_prim_func([x, w, out])
-    stages = [("pack", "xpack"), ("red", "bsconv")]
+    if not scheduled:
+        return func
     pointwise = int(w_packed_shape[0]) == 1 and int(w_packed_shape[1]) == 1
-    return _schedule(func, stages, target, sched or ScheduleConfig(), 2, "row" if pointwise else "root")
+    return _schedule(func, CONV_STAGES, target, sched or ScheduleConfig(), 2, "row" if pointwise else "root")
+
+
+def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None = None) -> bool:
+    """Schedule a bit-serial pointwise conv fused with its elementwise epilogue (requantize, ReLU,
+    residual add, the next layer's unsigned shift), as FuseOps/FuseTIR left it; False if ``func``
+    is not one.
+
+    Why: an opaque, pre-scheduled kernel writes its int32 accumulators to memory and the epilogue
+    runs as a kernel of its own that reads them back (bench/mixed_precision.py: those epilogue
+    kernels were about a third of the bit-serial layers' time at 32 px). Here the epilogue is
+    inlined into one block and computed per register tile, as apq's int8 kernels do.
+    """
+    from apq.kernels.cpu_schedules import _blocks, inline_elementwise
+
+    names = [sch.get(b).name_hint for b in _blocks(sch)]
+    if names.count("bsconv") != 1 or names.count("xpack") != 1:
+        return False
+    conv = sch.get_sblock("bsconv")
+    rh, rw = (int(iv.dom.extent) for iv in sch.get(conv).iter_vars[4:6])
+    if (rh, rw) != (1, 1) or _writes_func_output(sch, conv):
+        return False
+    inline_elementwise(sch, func, keep=[conv, sch.get_sblock("xpack")])
+    if len(sch.get_consumers(conv)) != 1:
+        return False
+    sc = dataclasses.replace(sched or ScheduleConfig(), vector_lanes=lanes)
+    par, _ = _schedule_reduction_block(sch, "bsconv", lanes, sc, 2)
+    block = sch.get_sblock("xpack")
+    sch.compute_at(block, par)
+    sch.unroll(sch.get_loops(block)[-1])
+    return True
 
 
 def depthwise_primfunc(x_shape: Sequence[int], kernel_size: int, cfg: BitserialConfig, target=None,

@@ -1097,10 +1097,22 @@ class NchwInputConvRule(_LazyRule):
         return schedule_nchw_input_conv(sch, func, cfg)
 
 
+class BitserialPointwiseRule(_LazyRule):
+    """A bit-serial pointwise conv fused with its epilogue (kernels/bitserial.py)."""
+
+    name = "bitserial-pointwise"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        from apq.kernels.bitserial import schedule_fused_pointwise
+
+        return schedule_fused_pointwise(sch, func, cfg.lanes(32))
+
+
 #: The rule registry, tried in order; the first rule that returns a schedule wins. The packed
 #: int8 rule declines all but its own compute block; the NHWC rule declines every conv that is
 #: not NHWC/HWIO with a float32 output, the NCHW rule every NHWC one.
 RULES: dict[str, type[_LazyRule]] = {
+    BitserialPointwiseRule.name: BitserialPointwiseRule,
     Im2colRule.name: Im2colRule,
     NchwInputConvRule.name: NchwInputConvRule,
     Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,

@@ -78,10 +78,10 @@ def find_kernel(op: str, a_bits: int, w_bits: int, arch: str) -> KernelSpec:
 # ----------------------------------------------------------------------------- entries
 
 
-def _bs_conv(x_shape, w_shape, *, cfg, target=None, sched=None, **_):
+def _bs_conv(x_shape, w_shape, *, cfg, target=None, sched=None, scheduled=True, **_):
     from apq.kernels import bitserial
 
-    return bitserial.conv2d_primfunc(x_shape, w_shape, cfg, target, sched)
+    return bitserial.conv2d_primfunc(x_shape, w_shape, cfg, target, sched, scheduled=scheduled)
 
 
 def _bs_dw(x_shape, w_shape, *, cfg, kernel_size, target=None, sched=None, dw_pack="rows", **_):

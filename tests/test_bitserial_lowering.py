@@ -24,6 +24,7 @@ from tvm import relax  # noqa: E402
 from apq.targets.registry import TargetSpec, get_target  # noqa: E402
 from apq.toolchain.bitserial_lowering import (  # noqa: E402
     BitserialPolicy,
+    bitserial_weights,
     OpRule,
     lower_bitserial,
     name_bitserial_layers,
@@ -191,6 +192,16 @@ EXPECTED = {  # layer -> kernel family on a popcount CPU with the default policy
 }
 
 
+#: the same network on an AVX-512 VNNI host: the layers that stay int8 take the VNNI forms of the
+#: int8 path (u8 x s8 pointwise, KxK convs accumulated in float32), the bit-serial ones are as above
+VNNI_KERNELS = {
+    "stem.weight_q": ("conv2d.int8xint8->float32", "int-fp32acc"),
+    "blocks.1.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
+    "blocks.2.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
+    "head.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),
+}
+
+
 def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx: Path, tmp_path: Path) -> None:
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.runtime import run_artifact
@@ -198,7 +209,12 @@ def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx
 
     bs = compile_onnx(mixed_onnx, "host", tmp_path / "bs.apq", options=CompileOptions(bitserial=BitserialPolicy()))
     layers = bs.manifest["layers"]
-    assert {lay["name"]: lay["kernel"] for lay in layers} == EXPECTED
+    vnni = "avx512vnni" in get_target("host").features
+    want = {**EXPECTED, **{k: kernel for k, (kernel, _) in VNNI_KERNELS.items()}} if vnni else EXPECTED
+    assert {lay["name"]: lay["kernel"] for lay in layers} == want
+    if vnni:  # bit-serial and VNNI kernels in one network
+        impls = {lay["name"]: lay["impl"] for lay in layers}
+        assert {k: impls[k] for k in VNNI_KERNELS} == {k: impl for k, (_, impl) in VNNI_KERNELS.items()}
     for lay in layers:
         if lay["kernel"].startswith("bitserial"):
             a, w = (int(v) for v in lay["kernel"].split("_a")[-1].split("w"))
@@ -253,6 +269,82 @@ def test_decisions_are_recorded_on_the_module(mixed_onnx: Path) -> None:
     assert "padded" in by_layer["blocks.1.depthwise.weight_q"].reason or \
         "above" in by_layer["blocks.1.depthwise.weight_q"].reason
     assert by_layer["stem.weight_q"].reason.startswith("first/last")
+
+
+def test_vnni_lowering_keeps_the_planned_layers_plain(mixed_onnx: Path) -> None:
+    """The VNNI forms (uint8 re-bias, float32 accumulation) would hide layers from the bit-serial
+    plan; planned on a plain lowering and exempted, the same layers go bit-serial and the others
+    keep the VNNI forms."""
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+    from apq.toolchain.qdq_lowering import lower_qdq, read_bits_hint
+
+    model = load_onnx(mixed_onnx)
+    imported, hints = import_to_relax(model, resolve_input_specs(model, {})), read_bits_hint(model)
+    plain = lower_qdq(imported, hints)
+    keep = bitserial_weights(plain)
+    vnni_forms = dict(uint8_pointwise=True, float_accumulation=True)
+    exempt = lower_qdq(imported, hints, plain_layers=keep, **vnni_forms)
+    hidden = lower_qdq(imported, hints, **vnni_forms)
+
+    def chosen(mod: tvm.IRModule) -> list[str]:
+        return [d.layer for d in plan_bitserial(mod) if d.bitserial]
+
+    assert len(keep) == 7 and chosen(exempt) == chosen(plain) == [k for k, v in EXPECTED.items() if "bitserial" in v]
+    assert len(chosen(hidden)) < 7
+    decisions = {d.layer: d for d in plan_bitserial(exempt)}
+    assert set(decisions) == set(EXPECTED)  # float-accumulated convs still count as layers
+    assert "float32" in decisions["blocks.1.depthwise.weight_q"].reason
+    assert decisions["stem.weight_q"].index == 0 and decisions["classifier.weight_q"].index == len(EXPECTED) - 1
+
+
+def test_pointwise_kernels_fuse_their_epilogues_and_stay_bit_identical(mixed_onnx: Path, tmp_path: Path) -> None:
+    """BitserialPolicy.fuse_epilogues: each pointwise bit-serial kernel is emitted fusable, FuseOps
+    folds its requantize epilogue into it, apq's rule schedules the fused PrimFunc with the
+    accumulator tile in registers; outputs bit-identical to opaque kernels + separate epilogues."""
+    from tvm import s_tir
+
+    from apq.kernels.bitserial import _writes_func_output
+    from apq.kernels.cpu_schedules import BitserialPointwiseRule
+    from apq.kernels.pipeline import fused_module
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import lower_module
+    from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
+    from apq.toolchain.runtime import run_artifact
+
+    host = get_target("host")
+    model = load_onnx(mixed_onnx)
+    lowered, _ = lower_module(import_to_relax(model, resolve_input_specs(model, {})), model, host,
+                              CompileOptions(bitserial=BitserialPolicy()))
+    fused = fused_module(lowered, host.tvm())
+    kernels = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+               and "bsconv" in [b.name_hint for b in _sblocks(f)]]
+    pointwise = [k for k, v in EXPECTED.items() if v.startswith("bitserial_conv2d")]
+    assert len(pointwise) == 6 and len(kernels) == len(pointwise)
+    for func in kernels:
+        sch = s_tir.Schedule(func)
+        assert not _writes_func_output(sch, sch.get_sblock("bsconv"))  # an epilogue was fused in
+        scheduled = BitserialPointwiseRule().apply(func, host.tvm(), False)
+        assert scheduled is not None
+        update = scheduled.get(scheduled.get_sblock("bsconv_update"))  # decompose_reduction's name
+        assert update.writes[0].source.scope() == "local"
+
+    fused_art = compile_onnx(mixed_onnx, "host", tmp_path / "fused.apq", options=CompileOptions(bitserial=BitserialPolicy()))
+    opaque = compile_onnx(mixed_onnx, "host", tmp_path / "opaque.apq",
+                          options=CompileOptions(bitserial=BitserialPolicy(fuse_epilogues=False)))
+    assert fused_art.manifest["layers"] == opaque.manifest["layers"]
+    a, b = open_artifact(fused_art.artifact_path), open_artifact(opaque.artifact_path)
+    for seed in range(3):
+        x = a.random_inputs(seed)
+        np.testing.assert_array_equal(run_artifact(a, x)[0], run_artifact(b, x)[0])
+
+
+def _sblocks(func: tvm.tirx.PrimFunc) -> list:
+    import tvm_ffi
+    from tvm import s_tir
+
+    found: list = []
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, found.append)])
+    return found
 
 
 # --------------------------------------------------------------------------- NHWC runs (toolchain/layout.py)

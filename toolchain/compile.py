@@ -22,7 +22,8 @@ from typing import Any
 
 from apq.targets.registry import TargetSpec, get_target
 from apq.toolchain.artifact import LIBRARY, write_artifact
-from apq.toolchain.bitserial_lowering import BitserialPolicy, lower_bitserial, name_bitserial_layers, supports_target
+from apq.toolchain.bitserial_lowering import (BitserialPolicy, bitserial_weights, lower_bitserial, name_bitserial_layers,
+                                              supports_target)
 from apq.kernels.pipeline import supports as cpu_pipeline_supports
 from apq.toolchain.errors import ApqError, InvalidInputError
 from apq.toolchain.float_layout import FLOAT_LAYOUTS, float_model_to_nhwc, has_integer_conv
@@ -131,15 +132,18 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
 
         policy = options.bitserial_policy(target)
         bitserial = policy.enabled and supports_target(target)
-        # u8 x s8 is what VNNI's vpdpbusd multiplies: re-bias int8 pointwise inputs (exact). Not with
-        # bit-serial lowering, which needs zero-point-0 activations.
-        vnni = "avx512vnni" in target.features and not bitserial
+        hints = read_bits_hint(model)
+        # u8 x s8 is what VNNI's vpdpbusd multiplies: re-bias int8 pointwise inputs (exact). Not the
+        # layers the bit-serial plan takes (planned on a plain lowering): they need their
+        # zero-point-0 activations and int32 accumulators.
+        vnni = "avx512vnni" in target.features
+        plain = bitserial_weights(lower_qdq(mod, hints), policy) if bitserial else frozenset()
         # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
         # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
         # whole model 0.71x -> 0.83x of onnxruntime. 1x1 convs stay int32 for VNNI.
         # The requantize division stays in the graph; kernels/requantize.py legalizes it without a
         # divide instruction, bit-identical to the division (ONNX semantics).
-        mod = lower_qdq(mod, read_bits_hint(model), uint8_pointwise=vnni, float_accumulation=vnni)
+        mod = lower_qdq(mod, hints, uint8_pointwise=vnni, float_accumulation=vnni, plain_layers=plain)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
             mod = lower_bitserial(mod, target, policy)
     layers = name_bitserial_layers(describe_layers(mod), mod)

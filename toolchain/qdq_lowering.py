@@ -187,6 +187,10 @@ class _Lowering:
     #: accumulate KxK integer convs (depthwise, the stem) in float32 where that is provably
     #: exact (see :func:`float_accumulation_is_exact`).
     float_accumulation: bool = False
+    #: weight fingerprints (:func:`apq.toolchain.layers.weight_fingerprint` of the integer weight
+    #: as emitted) of layers lowered plainly whatever the two options above say: the layers a
+    #: bit-serial plan takes, which need their zero-point-0 integer input and int32 accumulator.
+    plain_layers: frozenset[str] = frozenset()
 
     def weight(self, w: np.ndarray, emitted: np.ndarray) -> None:
         """Record bits of a lowered weight (keyed by the constant as emitted) and check them."""
@@ -372,9 +376,10 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     pointwise = w.shape[2:] == (1, 1) and kwargs["groups"] == 1
     # KxK convs only: 1x1 convs are GEMMs, which the int8 dot-product instructions run faster
     data_dtype = str(data.ty.dtype)
-    float_acc = (state.float_accumulation and w.shape[2] * w.shape[3] > 1
+    plain = weight_fingerprint(w) in state.plain_layers
+    float_acc = (state.float_accumulation and not plain and w.shape[2] * w.shape[3] > 1
                  and float_accumulation_is_exact(w, data_dtype))
-    if state.uint8_pointwise and pointwise and data_dtype == "int8":
+    if state.uint8_pointwise and not plain and pointwise and data_dtype == "int8":
         data = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16")), "uint8")
         zx += 128
     if zx != 0 and any(padding):
@@ -466,7 +471,8 @@ def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
 
 
 def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main",
-              uint8_pointwise: bool = False, float_accumulation: bool = False) -> Any:
+              uint8_pointwise: bool = False, float_accumulation: bool = False,
+              plain_layers: frozenset[str] = frozenset()) -> Any:
     """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
 
     ``bits_hint`` is :func:`read_bits_hint`'s result (or None: all weights 8-bit). Returns a
@@ -479,11 +485,13 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     VNNI takes the 1x1 convs; int8 MobileNetV2 at 224 px 0.67x -> 0.83x of onnxruntime), not
     yet measured on ARM. Off by default: the layer report then names these kernels
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
+    ``plain_layers`` (integer weight fingerprints) exempts layers from both options: the ones a
+    bit-serial plan (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
     """
     from tvm import relax
 
     state = _Lowering(_weight_hints(bits_hint), uint8_pointwise=uint8_pointwise,
-                      float_accumulation=float_accumulation)
+                      float_accumulation=float_accumulation, plain_layers=frozenset(plain_layers))
     func = mod[func_name]
     for rule in RULES:
         func = _apply_rule(func, rule, state)
