@@ -138,12 +138,27 @@ def _channel_packer(x, channels: int):
     return bitpack.te_pack_activations_nhwc
 
 
-def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv"):
+def _pack_conv_input(x, cfg: BitserialConfig, target=None):
+    """The conv's packed activations: AVX2 movemask (kernels/x86_bitpack.py) where the layer and
+    target allow it, else SWAR (8-channel multiples), else bit by bit."""
+    from apq.kernels import x86_bitpack
+
+    c = int(x.shape[3])
+    # bipolar weights (apq's binary {-1, +1}) read the packed words twice, once through a scalar
+    # popcount; with >= 3-bit activations that build came out wrong (tests/test_bitserial.py, cause
+    # not found), so those layers keep the SWAR packer
+    if cfg.mode != "bipolar" and x86_bitpack.supports(c, cfg.padding, cfg.word_bits, str(x.dtype), target):
+        return x86_bitpack.te_pack_activations(x, cfg.a_bits)
+    return _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
+
+
+def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv", target=None):
     """TE: x (N, H, W, C) unsigned ints, w_packed (KH, KW, CW, w_bits, O) -> int32 (N, OH, OW, O).
 
     Every extent has ``x``'s index type (:func:`bitpack.index_dtype_of`): int64 when the kernel is
     to be fused with Relax's int64 epilogues (FuseTIR maps the kernel's output and the epilogue's
-    input to one buffer and rejects a type mismatch).
+    input to one buffer and rejects a type mismatch). ``target`` picks the activation packer
+    (:func:`_pack_conv_input`); None = the portable ones.
     """
     from tvm import te
 
@@ -153,7 +168,7 @@ def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv
         raise InvalidInputError(f"packed weights {tuple(w_packed.shape)} do not match C={c}, {cfg}")
     s = cfg.stride
     oh, ow = conv_out_size(h, kh, s, cfg.padding), conv_out_size(w, kw, s, cfg.padding)
-    xp = _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
+    xp = _pack_conv_input(x, cfg, target)
     idx = bitpack.index_dtype_of(x)
 
     def axis(extent: int, label: str):
@@ -383,12 +398,28 @@ def _vectorize_inner(sch, loop, lanes: int) -> None:
 
 
 def _schedule_pack_block(sch, block_name: str, parallel: bool) -> None:
-    """Packing stage (bit extraction, a reduction over the word): parallel over rows, word loop unrolled."""
+    """Packing stage (bit extraction, a reduction over the word): parallel over rows, word loop
+    unrolled (or, for the movemask packer, its core tensorized)."""
     block = sch.get_sblock(block_name)
     loops = sch.get_loops(block)
     if parallel and len(loops) >= 3:
         sch.parallel(sch.fuse(loops[0], loops[1]))
-    sch.unroll(loops[-1])
+    _finish_pack_core(sch, block)
+
+
+def _finish_pack_core(sch, block) -> None:
+    from apq.kernels import x86_bitpack
+
+    if x86_bitpack.is_pack_block(sch, block):
+        x86_bitpack.schedule_pack(sch, block)
+    else:
+        sch.unroll(sch.get_loops(block)[-1])
+
+
+def _pack_block_name(sch) -> str | None:
+    """The conv's activation packing block (one of :data:`PACK_BLOCKS`), None if there is none or two."""
+    found = [n for n in PACK_BLOCKS if _has_block(sch, n)]
+    return found[0] if len(found) == 1 else None
 
 
 def _finish(func, name: str):
@@ -419,7 +450,7 @@ def _schedule(func, stages: Sequence[tuple[str, str]], target, sc: ScheduleConfi
             # instead of two (a fork-join saved), packed words still in L1 when consumed
             block = sch.get_sblock(name)
             sch.compute_at(block, par)
-            sch.unroll(sch.get_loops(block)[-1])
+            _finish_pack_core(sch, block)
         else:
             _schedule_pack_block(sch, name, sc.parallel)
     return sch.mod["main"]
@@ -429,8 +460,8 @@ def _with_symbol(func, name: str):
     return func.with_attr("global_symbol", name)
 
 
-#: (kind, block name) stages of the conv2d compute, in the order _schedule takes them.
-CONV_STAGES = (("pack", "xpack"), ("red", "bsconv"))
+#: Names of the conv's activation packing block: portable packers, AVX2 movemask packer.
+PACK_BLOCKS = ("xpack", "xpack_movemask")
 
 
 def conv2d_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: BitserialConfig,
@@ -445,12 +476,15 @@ def conv2d_primfunc(x_shape: Sequence[int], w_packed_shape: Sequence[int], cfg: 
     x = te.placeholder(tuple(tirx.IntImm(index_dtype, int(v)) for v in x_shape), x_dtype, name="x")
     w = te.placeholder(tuple(tirx.IntImm(index_dtype, int(v)) for v in w_packed_shape),
                        bitpack.word_dtype(cfg.word_bits), name="w")
-    out = bitserial_conv2d_nhwc(x, w, cfg)
+    out = bitserial_conv2d_nhwc(x, w, cfg, target=target)
     func = te.create_prim_func([x, w, out])
     if not scheduled:
         return func
     pointwise = int(w_packed_shape[0]) == 1 and int(w_packed_shape[1]) == 1
-    return _schedule(func, CONV_STAGES, target, sched or ScheduleConfig(), 2, "row" if pointwise else "root")
+    from tvm import s_tir
+
+    stages = [("pack", _pack_block_name(s_tir.Schedule(func))), ("red", "bsconv")]
+    return _schedule(func, stages, target, sched or ScheduleConfig(), 2, "row" if pointwise else "root")
 
 
 def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None = None) -> bool:
@@ -466,20 +500,21 @@ def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None
     from apq.kernels.cpu_schedules import _blocks, inline_elementwise
 
     names = [sch.get(b).name_hint for b in _blocks(sch)]
-    if names.count("bsconv") != 1 or names.count("xpack") != 1:
+    pack = _pack_block_name(sch)
+    if names.count("bsconv") != 1 or pack is None:
         return False
     conv = sch.get_sblock("bsconv")
     rh, rw = (int(iv.dom.extent) for iv in sch.get(conv).iter_vars[4:6])
     if (rh, rw) != (1, 1) or _writes_func_output(sch, conv):
         return False
-    inline_elementwise(sch, func, keep=[conv, sch.get_sblock("xpack")])
+    inline_elementwise(sch, func, keep=[conv, sch.get_sblock(pack)])
     if len(sch.get_consumers(conv)) != 1:
         return False
     sc = dataclasses.replace(sched or ScheduleConfig(), vector_lanes=lanes)
     par, _ = _schedule_reduction_block(sch, "bsconv", lanes, sc, 2)
-    block = sch.get_sblock("xpack")
+    block = sch.get_sblock(pack)
     sch.compute_at(block, par)
-    sch.unroll(sch.get_loops(block)[-1])
+    _finish_pack_core(sch, block)
     return True
 
 

@@ -190,6 +190,38 @@ def test_host_kernel_uses_vector_popcount():
     assert re.search(r"\bvpopcntd\b", asm)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_movemask_packed_pointwise_convs_are_exact(parallel):
+    """Pointwise convs whose input channels are whole 32-channel words pack with AVX2 vpmovmskb
+    (kernels/x86_bitpack.py): exact for every bit pair and weight mode; bipolar keeps SWAR."""
+    from tvm.target import codegen
+
+    host = get_target("host").tvm()
+    if get_target("host").arch != "x86_64" or not codegen.target_has_features("avx2", host):
+        pytest.skip("host target has no AVX2")
+    rng = np.random.default_rng(7)
+    funcs, cases = {}, {}
+    for a, w in PAIRS:
+        mode = MODES[(a + 2 * w) % 3]
+        c = 64 if (a + w) % 2 else 96
+        cfg = bitserial.BitserialConfig(a, w, mode)
+        x = _acts(rng, (1, 3, 5, c), a)
+        wt = _weights(rng, (1, 1, c, 32), w, mode)
+        wp = bitpack.pack_conv_weights_hwio(wt, w, mode, cfg.word_bits)
+        func = bitserial.conv2d_primfunc(x.shape, wp.shape, cfg, host, bitserial.ScheduleConfig(parallel=parallel))
+        assert ("xpack_movemask" in func.script()) == (mode != "bipolar"), (a, w, mode)
+        funcs[f"pw_a{a}w{w}"] = func
+        cases[(a, w)] = (x, wt, wp)
+    assert {m for m in (MODES[(a + 2 * w) % 3] for a, w in PAIRS)} == set(MODES)
+    mod = bitserial.build_many(funcs, host)
+    for (a, w), (x, wt, wp) in cases.items():
+        ref = reference.conv2d_nhwc_int(x, wt, 1, 0)
+        np.testing.assert_array_equal(_run(mod, f"pw_a{a}w{w}", [x, wp], ref.shape), ref, err_msg=f"a{a}w{w}")
+    asm = tvm.compile(tvm.IRModule({"main": funcs["pw_a2w2"].with_attr("global_symbol", "main")}),
+                      host).mod.inspect_source("asm")
+    assert re.search(r"\b(vpmovmskb|vpmovb2m)\b", asm)  # AVX-512BW: LLVM picks vpmovb2m + kmovd
+
+
 def test_aarch64_build_uses_neon_cnt(tmp_path):
     """The same schedules compile for a Raspberry Pi 4 (NEON cnt); the export is an AArch64 ELF."""
     spec = get_target("raspberry-pi/4b-aarch64")
