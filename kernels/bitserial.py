@@ -144,9 +144,10 @@ def _pack_conv_input(x, cfg: BitserialConfig, target=None):
     from apq.kernels import x86_bitpack
 
     c = int(x.shape[3])
-    # bipolar weights (apq's binary {-1, +1}) read the packed words twice, once through a scalar
-    # popcount; with >= 3-bit activations that build came out wrong (tests/test_bitserial.py, cause
-    # not found), so those layers keep the SWAR packer
+    # bipolar weights (apq's binary {-1, +1}) also take a scalar popcount of each packed word; with
+    # >= 3-bit activations that build came out wrong. Not the schedule: the same tensorized
+    # structure with a scalar loop as the intrinsic's body is exact, so it is in how LLVM combines
+    # the vpmovmskb value with that popcount (not found). Those layers keep the SWAR packer.
     if cfg.mode != "bipolar" and x86_bitpack.supports(c, cfg.padding, cfg.word_bits, str(x.dtype), target):
         return x86_bitpack.te_pack_activations(x, cfg.a_bits)
     return _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
