@@ -38,7 +38,7 @@ requantize epilogue into it as it does for int8 convs, and the ``bitserial-point
 rule (kernels/cpu_schedules.py) tiles the fused PrimFunc with the epilogue computed per register
 tile. A pre-scheduled kernel cannot be fused (FuseTIR merges unscheduled PrimFuncs only, with one
 index type: an int32 kernel output mapped onto an int64 epilogue input is rejected). Measured, 32
-px, 1 thread, interleaved: 1.10x faster than opaque kernels with separate epilogues.
+px, 1 thread, interleaved: 1.05-1.10x faster than opaque kernels with separate epilogues.
 
 On x86 CPUs with VNNI the layers that stay int8 keep the VNNI forms of the int8 path (compile.py
 plans this pass on a plain lowering and exempts the planned layers from lower_qdq's uint8 re-bias
