@@ -311,22 +311,23 @@ def test_pointwise_kernels_fuse_their_epilogues_and_stay_bit_identical(mixed_onn
     from apq.toolchain.onnx_import import import_to_relax, load_onnx, resolve_input_specs
     from apq.toolchain.runtime import run_artifact
 
-    host = get_target("host")
     model = load_onnx(mixed_onnx)
-    lowered, _ = lower_module(import_to_relax(model, resolve_input_specs(model, {})), model, host,
-                              CompileOptions(bitserial=BitserialPolicy()))
-    fused = fused_module(lowered, host.tvm())
-    kernels = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
-               and "bsconv" in [b.name_hint for b in _sblocks(f)]]
     pointwise = [k for k, v in EXPECTED.items() if v.startswith("bitserial_conv2d")]
-    assert len(pointwise) == 6 and len(kernels) == len(pointwise)
-    for func in kernels:
-        sch = s_tir.Schedule(func)
-        assert not _writes_func_output(sch, sch.get_sblock("bsconv"))  # an epilogue was fused in
-        scheduled = BitserialPointwiseRule().apply(func, host.tvm(), False)
-        assert scheduled is not None
-        update = scheduled.get(scheduled.get_sblock("bsconv_update"))  # decompose_reduction's name
-        assert update.writes[0].source.scope() == "local"
+    assert len(pointwise) == 6
+    for target in (get_target("host"), get_target("raspberry-pi/4b-aarch64")):  # x86 and NEON lanes
+        lowered, _ = lower_module(import_to_relax(model, resolve_input_specs(model, {})), model, target,
+                                  CompileOptions(bitserial=BitserialPolicy()))
+        fused = fused_module(lowered, target.tvm())
+        kernels = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+                   and "bsconv" in [b.name_hint for b in _sblocks(f)]]
+        assert len(kernels) == len(pointwise), target.name
+        for func in kernels:
+            sch = s_tir.Schedule(func)
+            assert not _writes_func_output(sch, sch.get_sblock("bsconv"))  # an epilogue was fused in
+            scheduled = BitserialPointwiseRule().apply(func, target.tvm(), False)
+            assert scheduled is not None, target.name
+            update = scheduled.get(scheduled.get_sblock("bsconv_update"))  # decompose_reduction's name
+            assert update.writes[0].source.scope() == "local"
 
     fused_art = compile_onnx(mixed_onnx, "host", tmp_path / "fused.apq", options=CompileOptions(bitserial=BitserialPolicy()))
     opaque = compile_onnx(mixed_onnx, "host", tmp_path / "opaque.apq",
