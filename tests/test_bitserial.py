@@ -405,3 +405,24 @@ def test_te_weight_packer_matches_numpy():
     out = tvm.runtime.empty(ref.shape, "uint32")
     mod["main"](tvm.runtime.tensor(codes), out)
     np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_default_schedule_widens_the_tile_for_one_bit_plane_pair():
+    """W1A1 convs default to two output-channel vectors per register tile, deeper pairs to one;
+    the tile shows in the scheduled code (two unrolled 16-lane accumulators per pixel) and the
+    kernel stays exact."""
+    from tvm.target import codegen
+
+    assert bitserial.default_schedule(1, 1).oc_vectors == 2
+    assert all(bitserial.default_schedule(a, w) == bitserial.ScheduleConfig() for a, w in PAIRS if a * w > 1)
+    host = get_target("host").tvm()
+    rng = np.random.default_rng(11)
+    cfg = bitserial.BitserialConfig(1, 1, "unipolar")
+    x, wt = _acts(rng, (1, 4, 4, 64), 1), _weights(rng, (1, 1, 64, 64), 1, "unipolar")
+    wp = bitpack.pack_conv_weights_hwio(wt, 1, "unipolar", cfg.word_bits)
+    func = bitserial.conv2d_primfunc(x.shape, wp.shape, cfg, host)
+    if codegen.target_has_features("avx512f", host):
+        assert "T.unroll(2)" in func.script()  # the oc_vectors loop of the register tile
+    mod = bitserial.build_many({"w1a1": func}, host)
+    ref = reference.conv2d_nhwc_int(x, wt, 1, 0)
+    np.testing.assert_array_equal(_run(mod, "w1a1", [x, wp], ref.shape), ref)
