@@ -343,6 +343,8 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     unrolled. The accumulator tile lives in a local buffer (registers), written back once.
     Returns the parallel row loop and the output-tile loop.
     """
+    from apq.kernels.cpu_schedules import _is_output_block, vectorize_by_divisor
+
     block = sch.get_sblock(block_name)
     loops = sch.get_loops(block)
     iters = sch.get(block).iter_vars
@@ -365,7 +367,7 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     par = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
     if sc.parallel:
         sch.parallel(par)
-    if _writes_func_output(sch, block):
+    if _is_output_block(sch, block, sch.mod["main"]):
         # accumulate in a register tile, written back after the reduction
         cache = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(cache, outer[-1])
@@ -378,7 +380,7 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
         if len(consumers) != 1:
             raise ValueError("a fused bit-serial conv needs exactly one epilogue block")
         sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
-        _vectorize_inner(sch, sch.get_loops(consumers[0])[-1], lanes)
+        vectorize_by_divisor(sch, sch.get_loops(consumers[0])[-1], lanes)
     # vectorise while the block still has its init (a "local reduction block"); decompose after
     for lp in tile[:-1]:
         sch.unroll(lp)
@@ -389,22 +391,6 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     init = sch.decompose_reduction(block, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return par, outer[-1]  # the parallel row loop and the output-tile loop
-
-
-def _writes_func_output(sch, block) -> bool:
-    from apq.kernels.cpu_schedules import _is_output_block
-
-    return _is_output_block(sch, block, None)
-
-
-def _vectorize_inner(sch, loop, lanes: int) -> None:
-    """Vectorize ``loop`` (or its inner part split by the largest divisor <= ``lanes``)."""
-    ext = int(sch.get(loop).extent)
-    vec = _largest_divisor(ext, lanes)
-    if vec == ext and ext > 1:
-        sch.vectorize(loop)
-    elif vec > 1:
-        sch.vectorize(sch.split(loop, [None, vec])[1])
 
 
 def _schedule_pack_block(sch, block_name: str, parallel: bool) -> None:
@@ -432,11 +418,13 @@ def _pack_block_name(sch) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _finish(func, name: str):
+def opaque_scheduled(func):
     """Prepare a scheduled PrimFunc for a Relax module: strip the symbol (Relax renames it), mark
-    it opaque (``op_pattern`` 8: FuseTIR must not fuse into it) and scheduled
-    (``tirx.is_scheduled``: dlight's ApplyDefaultSchedule, which apq's CPU pipeline runs, skips it)."""
-    return (func.without_attr("global_symbol").with_attr("op_pattern", 8)
+    it opaque (FuseTIR must not fuse into it) and scheduled (``tirx.is_scheduled``: dlight's
+    ApplyDefaultSchedule, which apq's CPU pipeline runs, skips it)."""
+    from apq.kernels.pipeline import OP_PATTERN_OPAQUE
+
+    return (func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OPAQUE)
             .with_attr("tirx.is_scheduled", True))
 
 
@@ -507,7 +495,7 @@ def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None
     1.05-1.10x faster in interleaved A/Bs). Here the epilogue is
     inlined into one block and computed per register tile, as apq's int8 kernels do.
     """
-    from apq.kernels.cpu_schedules import _blocks, inline_elementwise
+    from apq.kernels.cpu_schedules import _blocks, _is_output_block, inline_elementwise
 
     names = [sch.get(b).name_hint for b in _blocks(sch)]
     pack = _pack_block_name(sch)
@@ -515,7 +503,7 @@ def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None
         return False
     conv = sch.get_sblock("bsconv")
     rh, rw = (int(iv.dom.extent) for iv in sch.get(conv).iter_vars[4:6])
-    if (rh, rw) != (1, 1) or _writes_func_output(sch, conv):
+    if (rh, rw) != (1, 1) or _is_output_block(sch, conv, func):
         return False
     inline_elementwise(sch, func, keep=[conv, sch.get_sblock(pack)])
     if len(sch.get_consumers(conv)) != 1:
@@ -682,7 +670,7 @@ def emit_bitserial_conv2d(bb, x, packed_w, *, cfg: BitserialConfig, kernel_size:
         o = w_shape[-1]
     oh = conv_out_size(x_shape[1], kernel_size, cfg.stride, cfg.padding)
     ow = conv_out_size(x_shape[2], kernel_size, cfg.stride, cfg.padding)
-    gv = bb.add_func(_finish(func, name), name)
+    gv = bb.add_func(opaque_scheduled(func), name)
     out_ty = relax.TensorType((x_shape[0], oh, ow, o), "int32")
     return bb.emit(relax.call_tir(gv, [x, w_const], out_ty))
 
@@ -697,5 +685,5 @@ def emit_bitserial_dense(bb, x, packed_w, *, cfg: BitserialConfig, target=None,
     w_const = packed_w if isinstance(packed_w, tvm.ir.expr.Constant) else relax.const(np.ascontiguousarray(packed_w))
     w_shape = _shape_of(w_const)
     func = dense_primfunc(x_shape, w_shape, cfg, target, sched, x_dtype)
-    gv = bb.add_func(_finish(func, name), name)
+    gv = bb.add_func(opaque_scheduled(func), name)
     return bb.emit(relax.call_tir(gv, [x, w_const], relax.TensorType((x_shape[0], w_shape[-1]), "int32")))

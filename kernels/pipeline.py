@@ -14,6 +14,12 @@ from typing import Any
 
 from apq.kernels.cpu_schedules import CpuScheduleConfig, make_rules
 
+#: Relax/TIR op patterns (tvm/relax/op_attr_types.h) a PrimFunc's ``op_pattern`` attribute gives
+#: FuseOps: "out-elementwise fusable" (a conv: its bias / activation / requantize fuse into it) and
+#: "opaque" (nothing fuses into it).
+OP_PATTERN_OUT_EWISE_FUSABLE = 4
+OP_PATTERN_OPAQUE = 8
+
 
 def schedule_pass(cfg: CpuScheduleConfig | None = None) -> Any:
     """The module pass that schedules every unscheduled PrimFunc with apq's CPU rules.

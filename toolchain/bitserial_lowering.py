@@ -212,19 +212,21 @@ def _op_name(call: Any) -> str:
     return str(getattr(op, "name", "")) if op is not None else ""
 
 
+def _integer_operands(call: Any) -> bool:
+    """8-bit integer data times a constant int8 weight."""
+    return (tensor_dtype(call.args[0]) in ("int8", "uint8") and tensor_dtype(call.args[1]) == "int8"
+            and const_value(call.args[1]) is not None)
+
+
 def _is_integer_dot(call: Any) -> bool:
-    if _op_name(call) not in ("relax.nn.conv2d", "relax.matmul"):
-        return False
-    return (tensor_dtype(call) == "int32" and tensor_dtype(call.args[0]) in ("int8", "uint8")
-            and tensor_dtype(call.args[1]) == "int8" and const_value(call.args[1]) is not None)
+    return (_op_name(call) in ("relax.nn.conv2d", "relax.matmul") and tensor_dtype(call) == "int32"
+            and _integer_operands(call))
 
 
 def _is_float_accumulated_conv(call: Any) -> bool:
     """An integer-operand conv2d that lower_qdq made accumulate in float32 (exact; KxK convs on
     VNNI CPUs): still a layer of the network, counted like the int32 ones (first/last, indices)."""
-    return (_op_name(call) == "relax.nn.conv2d" and tensor_dtype(call) == "float32"
-            and tensor_dtype(call.args[0]) in ("int8", "uint8") and tensor_dtype(call.args[1]) == "int8"
-            and const_value(call.args[1]) is not None)
+    return _op_name(call) == "relax.nn.conv2d" and tensor_dtype(call) == "float32" and _integer_operands(call)
 
 
 def _is_integer_layer(call: Any) -> bool:
@@ -408,20 +410,19 @@ def _module_attr(mod: Any, key: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- emission
 
 
-#: Relax op patterns (tvm/relax/op_attr_types.h): what FuseOps may fuse into a PrimFunc.
-_OUT_EWISE_FUSABLE, _OPAQUE = 4, 8
-
-
 def _finish(func: Any, d: LayerDecision, fusable: bool = False) -> Any:
     """Prepare a PrimFunc for the module: no symbol (Relax names it), the bits describe_layers
     reports, and either scheduled + opaque (apq's dlight rules skip it, FuseTIR leaves it alone) or
     unscheduled + fusable with its elementwise consumers (``fusable``: a schedule rule takes the
     fused PrimFunc)."""
-    func = (func.without_attr("global_symbol").with_attr(WEIGHT_BITS_FUNC_ATTR, d.w_bits)
-            .with_attr(ACT_BITS_FUNC_ATTR, d.a_bits).with_attr("apq.weight_mode", d.weight_mode))
+    from apq.kernels.bitserial import opaque_scheduled
+    from apq.kernels.pipeline import OP_PATTERN_OUT_EWISE_FUSABLE
+
+    func = (func.with_attr(WEIGHT_BITS_FUNC_ATTR, d.w_bits).with_attr(ACT_BITS_FUNC_ATTR, d.a_bits)
+            .with_attr("apq.weight_mode", d.weight_mode))
     if fusable:
-        return func.with_attr("op_pattern", _OUT_EWISE_FUSABLE)
-    return func.with_attr("op_pattern", _OPAQUE).with_attr("tirx.is_scheduled", True)
+        return func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OUT_EWISE_FUSABLE)
+    return opaque_scheduled(func)
 
 
 def _fuses_epilogue(call: Any, d: LayerDecision, target: Any, policy: BitserialPolicy) -> bool:

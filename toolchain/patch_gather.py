@@ -30,13 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from apq.kernels.pipeline import OP_PATTERN_OPAQUE, OP_PATTERN_OUT_EWISE_FUSABLE
 from apq.toolchain.layers import const_value, mutate_functions, tensor_dtype
 from apq.toolchain.layout import TO_NHWC
 
-#: TIR op pattern "opaque" (FuseOps leaves the gather alone)
-_OPAQUE = 8
-#: TIR op pattern "out-elementwise fusable" (a conv: FuseOps fuses its bias / activation into it)
-_OUT_EWISE_FUSABLE = 4
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
                 return self._direct(source, w, geometry)
             gather = im2col_compute(*geometry, 0, policy.depth_multiple, layout)
             cols = self.builder_.emit(self.builder_.call_te(gather, source, primfunc_name_hint="im2col",
-                                                            primfunc_attrs={"op_pattern": _OPAQUE}))
+                                                            primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE}))
             declared = str(a.out_dtype)
             declared = declared if declared not in ("", "None", "void") else policy.data_dtype  # unset: the input's
             out_dtype = "int32" if integer else declared
@@ -144,7 +141,7 @@ def gather_few_channel_convs(mod: Any, policy: GatherPolicy) -> tuple[Any, int]:
             """The conv as one PrimFunc reading the NCHW source (kernels/nchw_input_conv.py)."""
             conv = nchw_input_conv_compute(*geometry)
             return self.builder_.call_te(conv, source, relax.const(w), primfunc_name_hint="conv2d_nchw_input",
-                                         primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+                                         primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE})
 
     module = mutate_functions(_Gatherer(mod), mod)
     return module, count
