@@ -240,6 +240,44 @@ def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx
     assert rep.passed and rep.argmax_agreement == 1.0, rep.to_json()
 
 
+def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(tmp_path: Path) -> None:
+    """1-bit pointwise weights (binary {-1, +1}, as apq's quantizer writes them) compile on the int8
+    path and bit-serial (bipolar kernels), bit-identical to each other and matching onnxruntime.
+    Before, lower_qdq's range check read 1 bit as two's complement {-1, 0} and refused the model."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.runtime import run_artifact
+    from apq.toolchain.supernet.qlayers import (InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net,
+                                                export_onnx)
+    from apq.toolchain.verify import verify_artifact
+
+    torch.manual_seed(1)
+    stem = QConvBNAct(3, 8, 3, 2, in_signed=True, w_bits=8, a_bits=8)
+    blocks = [InvertedResidual(8, 32, 16, 3, 1, 1, 2, 8, 8),  # pw w1 a2 (signed expand input)
+              InvertedResidual(16, 32, 16, 3, 1, 1, 1, 8, 8)]  # pw w1; project input 1-bit unsigned
+    net = StaticNet(stem, blocks, QConvBNAct(16, 32, 1, in_signed=True, w_bits=8, a_bits=8),
+                    QLinear(32, 10, w_bits=8, a_bits=8)).eval()
+    calibrate_net(net, torch.randn(8, *SHAPE[1:], generator=torch.Generator().manual_seed(1)))
+    onnx_path = export_onnx(net, tmp_path / "binary.onnx", SHAPE)
+
+    arts = {}
+    for name, policy in (("int8", BitserialPolicy.disabled()), ("bitserial", BitserialPolicy())):
+        res = compile_onnx(onnx_path, "host", tmp_path / f"{name}.apq", options=CompileOptions(bitserial=policy))
+        layers = {lay["name"]: lay for lay in res.manifest["layers"]}
+        binary = [k for k, lay in layers.items() if lay["weight_bits"] == 1]
+        assert binary == [f"blocks.{b}.{c}.weight_q" for b in (0, 1) for c in ("expand", "project")]
+        kernels = {layers[k]["kernel"] for k in binary}
+        if name == "bitserial":
+            assert kernels == {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1"}
+        else:
+            assert not any(k.startswith("bitserial") for k in kernels)
+        arts[name] = open_artifact(res.artifact_path)
+        rep = verify_artifact(arts[name], onnx_path, seed=3)
+        assert rep.passed and rep.argmax_agreement == 1.0, rep.to_json()
+    for seed in range(2):
+        x = arts["int8"].random_inputs(seed)
+        np.testing.assert_array_equal(run_artifact(arts["bitserial"], x)[0], run_artifact(arts["int8"], x)[0])
+
+
 @pytest.mark.qemu
 def test_mixed_model_builds_for_arm_and_matches_under_qemu(mixed_onnx: Path, tmp_path: Path) -> None:
     from apq.targets.qemu import qemu_available

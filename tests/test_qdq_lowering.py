@@ -246,6 +246,22 @@ def test_bad_bits_metadata_and_out_of_range_weights_are_user_errors():
         lower_qdq(_import(model), read_bits_hint(model))
 
 
+def test_declared_weight_ranges_admit_binary_levels():
+    """1 bit is binary {-1, +1} in apq's QDQ convention (or two's complement {-1, 0}); every other
+    width is two's complement. Before, the 1-bit check was two's complement only and rejected every
+    binary layer apq's own exporter writes."""
+    from apq.toolchain.qdq_lowering import weight_range_problem
+
+    assert weight_range_problem(np.array([-1, 1, 1, -1], np.int8), 1) == ""
+    assert weight_range_problem(np.array([-1, 0, 0], np.int8), 1) == ""
+    assert "1-bit levels" in weight_range_problem(np.array([-1, 0, 1], np.int8), 1)
+    assert "1-bit levels" in weight_range_problem(np.array([0, 1], np.int8), 1)
+    assert weight_range_problem(np.array([-2, 1], np.int8), 2) == ""
+    assert "[-2, 1]" in weight_range_problem(np.array([-2, 2], np.int8), 2)
+    assert weight_range_problem(np.array([-128, 127], np.int8), 8) == ""
+    assert weight_range_problem(np.zeros(0, np.int8), 1) == ""
+
+
 def test_unlowerable_layer_stays_float_and_is_reported_as_fake_quant():
     """A nonzero *weight* zero point has no exact int8 x int8 form here: it must stay float."""
     model = _apq_low_bit()

@@ -173,6 +173,28 @@ class _Dequant:
         return cls(call.args[0], scale.astype(np.float32), zp, int(_attr(call, "axis")))
 
 
+def weight_range_problem(w: np.ndarray, bits: int) -> str:
+    """'' if the integer weight ``w`` fits its declared ``bits``, else what is wrong with it.
+
+    ``bits`` >= 2: two's complement levels. 1 bit: apq's binary levels ``{-1, +1}`` (the QDQ
+    convention, docs/qdq_convention.md, what the supernet's 1-bit quantizer writes) or the
+    two's complement ``{-1, 0}``; a two's complement range alone would reject every binary layer
+    apq exports.
+    """
+    if not w.size:
+        return ""
+    lo, hi = int(w.min()), int(w.max())
+    if bits == 1:
+        levels = set(np.unique(w).tolist())
+        if levels <= {-1, 1} or levels <= {-1, 0}:
+            return ""
+        return f"holds the levels {sorted(levels)}, not its declared 1-bit levels {{-1, +1}} (or {{-1, 0}})"
+    top = 1 << (bits - 1)
+    if lo < -top or hi > top - 1:
+        return f"holds values in [{lo}, {hi}], outside its declared {bits}-bit range [{-top}, {top - 1}]"
+    return ""
+
+
 @dataclass
 class _Lowering:
     """State of one lower_qdq run: bit-widths to look up and to record."""
@@ -195,11 +217,9 @@ class _Lowering:
     def weight(self, w: np.ndarray, emitted: np.ndarray) -> None:
         """Record bits of a lowered weight (keyed by the constant as emitted) and check them."""
         name, bits = self.weight_hints.get(weight_fingerprint(w), ("", 8))
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        if w.size and (int(w.min()) < lo or int(w.max()) > hi):
-            self.errors.append(
-                f"weight {name or 'initializer'} holds values in [{int(w.min())}, {int(w.max())}], "
-                f"outside its declared {bits}-bit range [{lo}, {hi}]")
+        problem = weight_range_problem(w, bits)
+        if problem:
+            self.errors.append(f"weight {name or 'initializer'} {problem}")
         fp = weight_fingerprint(emitted)
         self.weight_bits[fp] = bits
         if name:
