@@ -115,25 +115,31 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 # ----------------------------------------------------------------------------- TE compute
 
 
-def _plane_term(a, w, ri, rj, cfg: BitserialConfig):
+def _plane_term(a, w, ri, rj, cfg: BitserialConfig, word_sum=None):
     """int32 contribution of one (activation word, weight word) pair, bit planes ``ri``, ``rj``.
 
     - unipolar: ``popcount(a & w) << (i + j)``;
     - signed: the same, negated for the top plane (``rj == w_bits - 1``);
-    - bipolar: ``popcount(a & w) << (i + j + 1)``, plus, on plane ``j == 0`` only,
-      ``-(2^w - 1) popcount(a) << i``: summed over j this is ``2 P - (2^w - 1) S``. The correction
-      depends on the activation word only (a broadcast scalar), so it costs one vector add per
-      (i, word) instead of a popcount + subtract per (i, j, word); TE cannot express it as a
-      reduction init (``create_prim_func`` silently drops a tensor init) nor as an epilogue
-      under the tile loop (s_tir needs every producer under the loop).
-    The ``rj`` conditions constant-fold once the bit loops are unrolled.
+    - bipolar: ``popcount(a & w) << (i + j + 1)`` plus a correction: summed over the planes this is
+      ``2 P - (2^w - 1) S``, ``S`` the sum of the activations the word packs.
+      With ``word_sum`` (conv and dense: ``S`` of this word position, precomputed once per
+      activation word by :func:`_word_sums`) the correction is one broadcast add on the plane pair
+      ``(0, 0)``. Without it (depthwise) it is derived here: ``-(2^w - 1) popcount(a) << i`` on
+      plane ``j == 0``, a scalar popcount + broadcast + add per (plane, word, output vector).
+    TE cannot express the correction as a reduction init (``create_prim_func`` silently drops a
+    tensor init) nor as an epilogue under the tile loop (s_tir needs every producer under the
+    loop). The ``ri``/``rj`` conditions constant-fold once the bit loops are unrolled.
     """
     from tvm import te, tirx
 
     t = te.popcount(a & w).astype("int32")
     if cfg.mode == "bipolar":
-        corr = (te.popcount(a).astype("int32") << ri.astype("int32")) * (-((1 << cfg.w_bits) - 1))
-        return (t << (ri + rj + 1).astype("int32")) + te.if_then_else(rj == 0, corr, tirx.const(0, "int32"))
+        top = (1 << cfg.w_bits) - 1
+        if word_sum is not None:
+            corr, on = word_sum * (-top), tirx.all(ri == 0, rj == 0)
+        else:
+            corr, on = (te.popcount(a).astype("int32") << ri.astype("int32")) * (-top), rj == 0
+        return (t << (ri + rj + 1).astype("int32")) + te.if_then_else(on, corr, tirx.const(0, "int32"))
     t = t << (ri + rj).astype("int32")
     if cfg.mode == "signed":
         t = te.if_then_else(rj == cfg.w_bits - 1, -t, t)
@@ -153,13 +159,50 @@ def _pack_conv_input(x, cfg: BitserialConfig, target=None):
     from apq.kernels import x86_bitpack
 
     c = int(x.shape[3])
-    # bipolar weights (apq's binary {-1, +1}) also take a scalar popcount of each packed word; with
-    # >= 3-bit activations that build came out wrong. Not the schedule: the same tensorized
-    # structure with a scalar loop as the intrinsic's body is exact, so it is in how LLVM combines
-    # the vpmovmskb value with that popcount (not found). Those layers keep the SWAR packer.
-    if cfg.mode != "bipolar" and x86_bitpack.supports(c, cfg.padding, cfg.word_bits, str(x.dtype), target):
+    # - stride 1 only: under a strided conv's row tile the tensorized packer's region does not
+    #   decompose (ScheduleError "not a reduction block"); strided 1x1 convs keep SWAR.
+    # - bipolar weights need the activation sums, taken from the bytes behind this packer
+    #   (_word_sums); at 1 bit that sum costs more than SWAR's single plane saves (measured: 64 ->
+    #   24 at 64x64, 1 thread: 138 us against 68 us with SWAR), from 2 bits the packer wins
+    #   (1.2-2.2x on bench shapes), so 1-bit activations of bipolar layers keep SWAR.
+    if (cfg.stride == 1 and not (cfg.mode == "bipolar" and cfg.a_bits == 1)
+            and x86_bitpack.supports(c, cfg.padding, cfg.word_bits, str(x.dtype), target)):
         return x86_bitpack.te_pack_activations(x, cfg.a_bits)
     return _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
+
+
+#: Block name of a bipolar conv / dense's per-word activation sums (:func:`_word_sums`).
+XSUM_BLOCK = "xsum"
+
+
+def _word_sums(xp, idx: str, x=None):
+    """``S[..., word] = sum_i 2^i popcount(xp[..., word, i])``: the sum of the activations one
+    packed word holds, once per word (int32, ``xp``'s leading shape); with ``x`` (the unpadded
+    NHWC input behind the movemask packer), the sum of the activation bytes themselves.
+
+    Why: bipolar weights need ``S`` (:func:`_plane_term`); before, each reduction step re-derived
+    it, a scalar popcount + broadcast + add per (plane, word) and output-channel vector.
+    Why the bytes behind the movemask packer (kernels/x86_bitpack.py): every form that also
+    popcounts the packed words gave wrong results there, because LLVM keeps the movemask values in
+    AVX-512 mask registers and, under pressure, reads a stale one. Seen in the assembly (the last
+    plane's ``vpmovmskb`` went to a general register for the popcount while the broadcast took a
+    ``kunpckdq`` of the previous plane's mask register). Observed for the popcount in the
+    reduction (>= 3-bit activations, >= 64 channels), and for one sum per pixel over all words
+    (3 of 150 random convs, 1-bit activations, >= 256 channels). With the byte sums, 750 random
+    bipolar convs (all bit pairs, 32-512 channels) were exact, and so were 320 unipolar/signed ones.
+    """
+    from tvm import te
+
+    shape = tuple(xp.shape)
+    if x is not None:
+        from apq.kernels.x86_bitpack import WORD_BITS
+
+        b = te.reduce_axis((bitpack.te_extent(0, idx), bitpack.te_extent(WORD_BITS, idx)), "sb")
+        return te.compute(shape[:-1], lambda nn, hh, ww, ci: te.sum(
+            x[nn, hh, ww, ci * WORD_BITS + b].astype("int32"), axis=b), name=XSUM_BLOCK)
+    si = te.reduce_axis((bitpack.te_extent(0, idx), shape[-1]), "si")
+    return te.compute(shape[:-1], lambda *ix: te.sum(
+        te.popcount(xp[(*ix, si)]).astype("int32") << si.astype("int32"), axis=si), name=XSUM_BLOCK)
 
 
 def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv", target=None):
@@ -171,6 +214,8 @@ def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv
     (:func:`_pack_conv_input`); None = the portable ones.
     """
     from tvm import te
+
+    from apq.kernels import x86_bitpack
 
     n, h, w, c = (int(s) for s in x.shape)
     kh, kw, cw, wb, o = (int(s) for s in w_packed.shape)
@@ -187,9 +232,13 @@ def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv
     rh, rw, rc = axis(kh, "rh"), axis(kw, "rw"), axis(cw, "rc")
     ri, rj = axis(cfg.a_bits, "ri"), axis(cfg.w_bits, "rj")
 
+    movemask = xp.op.name == x86_bitpack.PACK_BLOCK
+    sums = _word_sums(xp, idx, x if movemask else None) if cfg.mode == "bipolar" else None
+
     def body(nn, y, xo, oc):
         a = xp[nn, y * s + rh, xo * s + rw, rc, ri]
-        return te.sum(_plane_term(a, w_packed[rh, rw, rc, rj, oc], ri, rj, cfg), axis=[rh, rw, rc, ri, rj])
+        ws = None if sums is None else sums[nn, y * s + rh, xo * s + rw, rc]
+        return te.sum(_plane_term(a, w_packed[rh, rw, rc, rj, oc], ri, rj, cfg, ws), axis=[rh, rw, rc, ri, rj])
 
     return te.compute(tuple(bitpack.te_extent(v, idx) for v in (n, oh, ow, o)), body, name=name)
 
@@ -237,8 +286,11 @@ def bitserial_dense(x, w_packed, cfg: BitserialConfig, name: str = "bsdense"):
     rc = te.reduce_axis((0, kw_), "rc")
     ri, rj = te.reduce_axis((0, cfg.a_bits), "ri"), te.reduce_axis((0, cfg.w_bits), "rj")
 
+    sums = _word_sums(xp, "int32") if cfg.mode == "bipolar" else None
+
     def body(mm, oc):
-        return te.sum(_plane_term(xp[0, 0, mm, rc, ri], w_packed[rc, rj, oc], ri, rj, cfg), axis=[rc, ri, rj])
+        ws = None if sums is None else sums[0, 0, mm, rc]
+        return te.sum(_plane_term(xp[0, 0, mm, rc, ri], w_packed[rc, rj, oc], ri, rj, cfg, ws), axis=[rc, ri, rj])
 
     return te.compute((m, o), body, name=name)
 
@@ -442,6 +494,7 @@ def _schedule(func, stages: Sequence[tuple[str, str]], target, sc: ScheduleConfi
     for kind, name in stages:
         if kind != "pack":
             par, _ = _schedule_reduction_block(sch, name, lanes, sc, unroll_last)
+    _place_word_sums(sch, par if pack_at == "row" else None, sc.parallel)
     for name in packs:
         if pack_at == "row" and par is not None:
             # pack the rows a parallel row tile needs inside that tile: one parallel region
@@ -511,10 +564,27 @@ def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None
     a_bits, w_bits = (int(iv.dom.extent) for iv in sch.get(conv).iter_vars[7:9])  # the ri, rj loops
     sc = dataclasses.replace(sched or default_schedule(a_bits, w_bits), vector_lanes=lanes)
     par, _ = _schedule_reduction_block(sch, "bsconv", lanes, sc, 2)
+    _place_word_sums(sch, par, sc.parallel)
     block = sch.get_sblock(pack)
     sch.compute_at(block, par)
     _finish_pack_core(sch, block)
     return True
+
+
+def _place_word_sums(sch, row_loop, parallel: bool) -> None:
+    """A bipolar kernel's per-word activation sums (:data:`XSUM_BLOCK`, no-op without): inside
+    the parallel row tile like the packer (``row_loop``), or at the root with rows in parallel;
+    plane loop unrolled. Before the packer moves: its consumers must be under its new loop."""
+    if not _has_block(sch, XSUM_BLOCK):
+        return
+    block = sch.get_sblock(XSUM_BLOCK)
+    if row_loop is not None:
+        sch.compute_at(block, row_loop)
+    else:
+        loops = sch.get_loops(block)
+        if parallel and len(loops) >= 3:
+            sch.parallel(sch.fuse(loops[0], loops[1]))
+    sch.unroll(sch.get_loops(block)[-1])
 
 
 def depthwise_primfunc(x_shape: Sequence[int], kernel_size: int, cfg: BitserialConfig, target=None,

@@ -18,6 +18,11 @@ intrinsic, kernels/x86_int8_nhwc.py): the TE packer below is the plain ``sum_b b
 reduction, and the schedule tensorizes its (plane, 32 channels) core with the LLVM intrinsic
 ``llvm.x86.avx2.pmovmskb``. It applies where every word is 32 whole channels of an unpadded uint8
 input (pointwise convs with channels % 32 == 0) on CPUs with AVX2; other layers keep SWAR.
+
+A pitfall: on AVX-512BW LLVM turns the movemask into ``vpmovb2m`` and may keep the words in mask
+registers. Kernels that both broadcast and popcount the words came out wrong under register
+pressure (a stale mask register read for a later plane), so nothing popcounts these words
+directly (bipolar kernels sum the activation bytes: :func:`apq.kernels.bitserial._word_sums`).
 """
 
 from __future__ import annotations

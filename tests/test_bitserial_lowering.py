@@ -240,15 +240,11 @@ def test_mixed_model_on_host_is_bit_identical_and_matches_onnxruntime(mixed_onnx
     assert rep.passed and rep.argmax_agreement == 1.0, rep.to_json()
 
 
-def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(tmp_path: Path) -> None:
-    """1-bit pointwise weights (binary {-1, +1}, as apq's quantizer writes them) compile on the int8
-    path and bit-serial (bipolar kernels), bit-identical to each other and matching onnxruntime.
-    Before, lower_qdq's range check read 1 bit as two's complement {-1, 0} and refused the model."""
-    from apq.toolchain.artifact import open_artifact
-    from apq.toolchain.runtime import run_artifact
+@pytest.fixture(scope="module")
+def binary_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A StaticNet whose pointwise convs have 1-bit (binary {-1, +1}) weights."""
     from apq.toolchain.supernet.qlayers import (InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net,
                                                 export_onnx)
-    from apq.toolchain.verify import verify_artifact
 
     torch.manual_seed(1)
     stem = QConvBNAct(3, 8, 3, 2, in_signed=True, w_bits=8, a_bits=8)
@@ -257,14 +253,27 @@ def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(tmp_path
     net = StaticNet(stem, blocks, QConvBNAct(16, 32, 1, in_signed=True, w_bits=8, a_bits=8),
                     QLinear(32, 10, w_bits=8, a_bits=8)).eval()
     calibrate_net(net, torch.randn(8, *SHAPE[1:], generator=torch.Generator().manual_seed(1)))
-    onnx_path = export_onnx(net, tmp_path / "binary.onnx", SHAPE)
+    return export_onnx(net, tmp_path_factory.mktemp("bin") / "binary.onnx", SHAPE)
 
+
+BINARY_LAYERS = [f"blocks.{b}.{c}.weight_q" for b in (0, 1) for c in ("expand", "project")]
+
+
+def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(binary_onnx: Path, tmp_path: Path) -> None:
+    """1-bit pointwise weights (binary {-1, +1}, as apq's quantizer writes them) compile on the int8
+    path and bit-serial (bipolar kernels), bit-identical to each other and matching onnxruntime.
+    Before, lower_qdq's range check read 1 bit as two's complement {-1, 0} and refused the model."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.runtime import run_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    onnx_path = binary_onnx
     arts = {}
     for name, policy in (("int8", BitserialPolicy.disabled()), ("bitserial", BitserialPolicy())):
         res = compile_onnx(onnx_path, "host", tmp_path / f"{name}.apq", options=CompileOptions(bitserial=policy))
         layers = {lay["name"]: lay for lay in res.manifest["layers"]}
         binary = [k for k, lay in layers.items() if lay["weight_bits"] == 1]
-        assert binary == [f"blocks.{b}.{c}.weight_q" for b in (0, 1) for c in ("expand", "project")]
+        assert binary == BINARY_LAYERS
         kernels = {layers[k]["kernel"] for k in binary}
         if name == "bitserial":
             assert kernels == {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1"}
@@ -276,6 +285,24 @@ def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(tmp_path
     for seed in range(2):
         x = arts["int8"].random_inputs(seed)
         np.testing.assert_array_equal(run_artifact(arts["bitserial"], x)[0], run_artifact(arts["int8"], x)[0])
+
+
+@pytest.mark.qemu
+def test_binary_weight_model_builds_for_arm_and_matches_under_qemu(binary_onnx: Path, tmp_path: Path) -> None:
+    """The bipolar kernels (activation sums hoisted out of the reduction) on NEON, fused epilogues."""
+    from apq.targets.qemu import qemu_available
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.verify import verify_artifact
+
+    res = compile_onnx(binary_onnx, "raspberry-pi/4b-aarch64", tmp_path / "arm.apq",
+                       options=CompileOptions(bitserial=BitserialPolicy()))
+    kernels = {lay["name"]: lay["kernel"] for lay in res.manifest["layers"]}
+    assert {kernels[k] for k in BINARY_LAYERS} == {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1"}
+    ok, why = qemu_available()
+    if not ok:
+        pytest.skip(why)
+    rep = verify_artifact(open_artifact(res.artifact_path, "raspberry-pi/4b-aarch64"), binary_onnx, seed=4)
+    assert rep.executed_on == "qemu-aarch64" and rep.passed and rep.argmax_agreement == 1.0, rep.to_json()
 
 
 @pytest.mark.qemu
