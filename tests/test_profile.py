@@ -76,6 +76,32 @@ def test_measure_spread_from_varying_samples():
     assert st.p10_ms <= st.median_ms <= st.p90_ms
 
 
+def test_measure_times_with_the_garbage_collector_off_and_restores_it():
+    """Timed calls run with gc disabled (warm-up calls do not); the previous state comes back,
+    also after ``fn`` raises, and a caller that had gc off keeps it off."""
+    import gc
+
+    seen: list[bool] = []
+    cfg = MeasureConfig(warmup=1, min_repeats=3, min_time_s=0.0, max_repeats=3)
+    assert gc.isenabled()
+    measure(lambda: seen.append(gc.isenabled()), cfg)
+    assert seen == [True, False, False, False] and gc.isenabled()
+
+    def boom() -> None:
+        if not gc.isenabled():
+            raise RuntimeError("timed call failed")
+
+    with pytest.raises(RuntimeError):
+        measure(boom, cfg)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        measure(lambda: None, cfg)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_configs_round_trip_through_json():
     cfg = MeasureConfig(warmup=4, min_repeats=5, min_time_s=0.25, max_repeats=9, layer_runs=3)
     assert MeasureConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
