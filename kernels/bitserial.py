@@ -182,14 +182,16 @@ def _word_sums(xp, idx: str, x=None):
 
     Why: bipolar weights need ``S`` (:func:`_plane_term`); before, each reduction step re-derived
     it, a scalar popcount + broadcast + add per (plane, word) and output-channel vector.
-    Why the bytes behind the movemask packer (kernels/x86_bitpack.py): every form that also
-    popcounts the packed words gave wrong results there, because LLVM keeps the movemask values in
-    AVX-512 mask registers and, under pressure, reads a stale one. Seen in the assembly (the last
-    plane's ``vpmovmskb`` went to a general register for the popcount while the broadcast took a
-    ``kunpckdq`` of the previous plane's mask register). Observed for the popcount in the
-    reduction (>= 3-bit activations, >= 64 channels), and for one sum per pixel over all words
-    (3 of 150 random convs, 1-bit activations, >= 256 channels). With the byte sums, 750 random
-    bipolar convs (all bit pairs, 32-512 channels) were exact, and so were 320 unipolar/signed ones.
+    Why the bytes behind the movemask packer (kernels/x86_bitpack.py): LLVM keeps the movemask
+    words in AVX-512 mask registers and, in some kernels, read a stale one (in the assembly: the
+    last plane's ``vpmovmskb`` went to a general register for a popcount while the broadcast took
+    a ``kunpckdq`` of the previous plane's mask register). Three forms came out wrong with that
+    packer: the popcount in the reduction (>= 3-bit activations, >= 64 channels), these per-word
+    sums taken as popcounts of the packed words, and one byte sum per pixel added at the first word
+    (3 of 150 random convs, 1-bit activations, >= 256 channels). This form (per-word byte sums,
+    added on plane pair (0, 0)) was exact on 750 random bipolar convs (all bit pairs, 32-512
+    channels, 1-16 px), and 320 unipolar/signed ones were exact too; a randomized test keeps watch
+    (tests/test_bitserial.py). What triggers LLVM is not predictable from the TIR.
     """
     from tvm import te
 

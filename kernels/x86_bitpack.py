@@ -20,9 +20,9 @@ reduction, and the schedule tensorizes its (plane, 32 channels) core with the LL
 input (pointwise convs with channels % 32 == 0) on CPUs with AVX2; other layers keep SWAR.
 
 A pitfall: on AVX-512BW LLVM turns the movemask into ``vpmovb2m`` and may keep the words in mask
-registers. Kernels that both broadcast and popcount the words came out wrong under register
-pressure (a stale mask register read for a later plane), so nothing popcounts these words
-directly (bipolar kernels sum the activation bytes: :func:`apq.kernels.bitserial._word_sums`).
+registers. Some bipolar kernel forms came out wrong (a stale mask register read for a later
+plane); :func:`apq.kernels.bitserial._word_sums` records which, and why bipolar kernels sum the
+activation bytes instead of popcounting these words.
 """
 
 from __future__ import annotations
