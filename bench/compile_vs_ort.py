@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,18 +57,41 @@ def _apq_runner(lib_path: Path, inputs: list[np.ndarray], threads: int):
     return vm["__bench"]
 
 
-def interleaved(apq_fn, ort_fn, cfg, threads: int, clock, rounds: int) -> tuple[float, float, float, object]:
-    """(apq_ms, ort_ms, speedup, last apq stats): medians over ``rounds`` alternating rounds."""
+def time_rounds(fns: dict[str, Any], cfg, threads: int, clock, rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Median ms of every callable in ``fns``, round by round: each of ``rounds`` rounds times
+    every callable once by the protocol (apq.toolchain.profile.measure), the order reversed every
+    other round (kernels/interleaved.py, the tuners' helper). Returns ({name: [ms per round]},
+    {name: its last LatencyStats}); ratios of two names are taken per round (:func:`round_ratio`),
+    so both figures of a ratio come from seconds apart. A callable that raises stops the bench."""
+    from apq.kernels.interleaved import interleaved_samples
     from apq.toolchain.profile import measure
 
-    apq_ms, ort_ms, ratios, stats = [], [], [], None
-    for _ in range(max(1, rounds)):
-        stats = measure(apq_fn, cfg, threads=threads, clock=clock)
-        ort = measure(ort_fn, cfg, threads=threads, clock=clock)
-        apq_ms.append(stats.median_ms)
-        ort_ms.append(ort.median_ms)
-        ratios.append(ort.median_ms / stats.median_ms)
-    return float(np.median(apq_ms)), float(np.median(ort_ms)), float(np.median(ratios)), stats
+    last: dict[str, Any] = {}
+    errors: list[Exception] = []
+
+    def time_one(name: str) -> float:
+        try:
+            last[name] = measure(fns[name], cfg, threads=threads, clock=clock)
+        except Exception as e:  # interleaved_samples skips a failed sample; a benchmark must not
+            errors.append(e)
+            raise
+        return last[name].median_ms
+
+    ms = interleaved_samples(list(fns), rounds, time_one)
+    if errors:
+        raise errors[0]
+    return ms, last
+
+
+def round_ratio(ms: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``ms[num] / ms[den]`` (e.g. onnxruntime / apq: apq's speedup)."""
+    return float(np.median(np.asarray(ms[num]) / np.asarray(ms[den])))
+
+
+def interleaved(apq_fn, ort_fn, cfg, threads: int, clock, rounds: int) -> tuple[float, float, float, object]:
+    """(apq_ms, ort_ms, speedup, last apq stats): medians over ``rounds`` alternating rounds."""
+    ms, last = time_rounds({"apq": apq_fn, "ort": ort_fn}, cfg, threads, clock, rounds)
+    return float(np.median(ms["apq"])), float(np.median(ms["ort"])), round_ratio(ms, "ort", "apq"), last["apq"]
 
 
 def bench_model(name: str, precision: str, resolution: int, onnx_path: Path, threads_list: list[int],

@@ -6,15 +6,17 @@ calibrated on random inputs) is exported three ways on the same weights: ``int8`
 convention, every layer 8 bits), ``mixed`` (pointwise convs of the inner blocks at 2-4 bits, which
 apq-compile lowers to bit-serial kernels; depthwise, stem, head and classifier 8 bits) and
 ``float``. Each ONNX file is compiled by apq for the host and run by onnxruntime (all graph
-optimizations: QDQ fused into its int8 kernels where it can), same threads, batch 1, timed in this
-one process by the same protocol (apq.toolchain.profile: warm-up, repeat until a minimum time,
-median), so ratios are meaningful on a loaded machine and absolute numbers are not.
+optimizations: QDQ fused into its int8 kernels where it can), same threads, batch 1. Everything is
+built first, then every build and session is timed in ``--rounds`` interleaved rounds by the same
+protocol (apq.toolchain.profile: warm-up, repeat until a minimum time, median; bench/compile_vs_ort.py's
+``time_rounds``), and every ratio is the median of per-round ratios, so ratios are meaningful on a
+loaded machine and absolute numbers are not.
 
 Records: {model, precision, threads, apq_ms, ort_ms, speedup (= ort_ms / apq_ms), ...}; the mixed
 model also gets ``speedup_vs_ort_int8`` (ort on the all-int8 file / apq on the mixed file: the
 question "is apq's mixed model faster than what onnxruntime runs for an int8 model?") and
 ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled: what the bit-serial
-kernels themselves buy), ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the bit-serial build
+kernels themselves buy; ``int8_path_vs_bitserial`` is the per-round ratio mixed / int8 path), ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the bit-serial build
 without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
 toolchain/layout.py), ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
 requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
@@ -28,6 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from compile_vs_ort import CLOCKS, _apq_runner, round_ratio, time_rounds  # the sibling bench (bench/ is path[0])
 
 
 #: (expand ratio, out channels, repeats, stride): examples.MBV2_STAGES with deeper middle stages (10 blocks).
@@ -84,25 +90,21 @@ def export(precision: str, resolution: int, work: Path) -> Path:
                        quantized=precision != "float")
 
 
-def time_apq(onnx_path: Path, out: Path, threads: int, cfg, options=None) -> tuple[Any, Any, float]:
-    """(LatencyStats, loaded artifact, compile seconds) of apq-compiling ``onnx_path`` for the host."""
+def build_apq(onnx_path: Path, out: Path, options=None) -> tuple[Any, float]:
+    """(loaded artifact, compile seconds) of apq-compiling ``onnx_path`` for the host."""
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import compile_onnx
-    from apq.toolchain.profile import profile_library
 
     res = compile_onnx(onnx_path, "host", out, options=options)
-    art = open_artifact(res.artifact_path)
-    stats = profile_library(art.lib_path, art.random_inputs(0), threads, cfg, per_layer=False).e2e
-    return stats, art, res.compile_s
+    return open_artifact(res.artifact_path), res.compile_s
 
 
-def time_ort(onnx_path: Path, art, threads: int, cfg):
-    from apq.toolchain.profile import measure
+def ort_runner(onnx_path: Path, x: Any, threads: int):
     from apq.toolchain.verify import ort_session
 
     sess = ort_session(onnx_path, threads)
-    feed = {art.input_specs[0].name: art.random_inputs(0)[0]}
-    return measure(lambda: sess.run(None, feed), cfg, threads=threads)
+    feed = {sess.get_inputs()[0].name: x}
+    return lambda: sess.run(None, feed)
 
 
 #: per-kernel groups of the --transposes table: (group, test on the kernel name), first match wins
@@ -129,47 +131,67 @@ def kernel_groups(art, threads: int, cfg) -> dict[str, float]:
     return {k: round(v, 4) for k, v in groups.items()}
 
 
-def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False) -> list[dict[str, Any]]:
+#: The mixed file's apq builds besides the default bit-serial one: record key -> policy arguments
+#: (None: bit-serial lowering off, the layers on the int8 kernels).
+MIXED_VARIANTS: dict[str, dict[str, bool] | None] = {
+    "apq_int8_path_ms": None,  # what the bit-serial kernels themselves buy
+    "apq_transposing_ms": {"nhwc_runs": False},  # transposes around every bit-serial kernel
+    "apq_nchw_depthwise_ms": {"nhwc_depthwise": False},  # NHWC runs, int8 depthwise convs NCHW
+    "apq_opaque_epilogues_ms": {"fuse_epilogues": False},  # requantize epilogues as kernels of their own
+}
+PRECISIONS = ("float", "int8", "mixed")
+
+
+def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False, rounds: int = 5,
+        clock: str = "thread") -> list[dict[str, Any]]:
+    """Build everything first, then time every build and onnxruntime session in ``rounds``
+    interleaved rounds (bench/compile_vs_ort.py's protocol): every ratio, above all
+    ``speedup_vs_ort_int8`` (onnxruntime on one file, apq on another), is a median of per-round
+    ratios of figures taken seconds apart. Timed one after the other, the host's speed moved
+    between them: one sequential run read 2.72x for a build that measured 1.58x interleaved."""
     from tqdm import tqdm
 
     from apq.toolchain.bitserial_lowering import BitserialPolicy
     from apq.toolchain.compile import CompileOptions
 
+    builds: dict[str, tuple[Any, float]] = {}
+    paths = {p: export(p, resolution, work) for p in PRECISIONS}
+    jobs = [(p, paths[p], CompileOptions(bitserial=BitserialPolicy()) if p == "mixed" else None) for p in PRECISIONS]
+    jobs += [(key, paths["mixed"], CompileOptions(bitserial=BitserialPolicy(**pol) if pol is not None
+                                                  else BitserialPolicy.disabled()))
+             for key, pol in MIXED_VARIANTS.items()]
+    for key, path, opts in tqdm(jobs, desc="mixed-precision bench: compile", leave=False):
+        builds[key] = build_apq(path, work / f"{key}.apq", opts)
+    x = builds["int8"][0].random_inputs(0)
+    fns = {f"apq:{key}": _apq_runner(art.lib_path, x, threads) for key, (art, _) in builds.items()}
+    fns.update({f"ort:{p}": ort_runner(paths[p], x[0], threads) for p in PRECISIONS})
+    used = clock if threads == 1 else "wall"
+    ms, last = time_rounds(fns, cfg, threads, CLOCKS[used], rounds)
+
+    def med(name: str) -> float:
+        return round(float(np.median(ms[name])), 4)
+
     records: list[dict[str, Any]] = []
-    ort_int8_ms = None
-    for precision in tqdm(("float", "int8", "mixed"), desc="mixed-precision bench", leave=False):
-        path = export(precision, resolution, work)
-        # the mixed model explicitly with bit-serial kernels (the host default keeps them on int8)
-        opts = CompileOptions(bitserial=BitserialPolicy()) if precision == "mixed" else None
-        apq, art, compile_s = time_apq(path, work / f"{path.stem}.apq", threads, cfg, opts)
-        ort = time_ort(path, art, threads, cfg)
-        layers = art.manifest["layers"]
+    for p in PRECISIONS:
+        art, compile_s = builds[p]
+        layers, apq = art.manifest["layers"], last[f"apq:{p}"]
         rec: dict[str, Any] = {
-            "model": f"mobilenetv2-style-{len(STAGES)}stages", "precision": precision, "resolution": resolution,
-            "threads": threads, "batch": 1, "apq_ms": round(apq.median_ms, 4), "ort_ms": round(ort.median_ms, 4),
-            "speedup": round(ort.median_ms / apq.median_ms, 3), "compile_s": round(compile_s, 2),
+            "model": f"mobilenetv2-style-{len(STAGES)}stages", "precision": p, "resolution": resolution,
+            "threads": threads, "batch": 1, "apq_ms": med(f"apq:{p}"), "ort_ms": med(f"ort:{p}"),
+            "speedup": round(round_ratio(ms, f"ort:{p}", f"apq:{p}"), 3), "compile_s": round(compile_s, 2),
             "bitserial_layers": sum(1 for lay in layers if lay["kernel"].startswith("bitserial")),
             "layers": len(layers), "apq_p10_p90_ms": [round(apq.p10_ms, 4), round(apq.p90_ms, 4)],
+            "rounds": rounds, "clock": "thread-cpu" if used == "thread" else "wall",
             "source": "measured", "device": apq.device}
-        if precision == "int8":
-            ort_int8_ms = ort.median_ms
-        if precision == "mixed":
-            rec["speedup_vs_ort_int8"] = round(ort_int8_ms / apq.median_ms, 3) if ort_int8_ms else None
-            off = CompileOptions(bitserial=BitserialPolicy.disabled())
-            int8_path, _, _ = time_apq(path, work / f"{path.stem}_int8path.apq", threads, cfg, off)
-            rec["apq_int8_path_ms"] = round(int8_path.median_ms, 4)
-            # the same bit-serial kernels with the older layouts: transposes around every kernel
-            # (nhwc_runs off), NHWC runs but the int8 depthwise convs in NCHW (nhwc_depthwise off)
-            for key, pol in (("apq_transposing_ms", BitserialPolicy(nhwc_runs=False)),
-                             ("apq_nchw_depthwise_ms", BitserialPolicy(nhwc_depthwise=False)),
-                             ("apq_opaque_epilogues_ms", BitserialPolicy(fuse_epilogues=False))):
-                st, _, _ = time_apq(path, work / f"{path.stem}_{key}.apq", threads, cfg, CompileOptions(bitserial=pol))
-                rec[key] = round(st.median_ms, 4)
+        if p == "mixed":
+            rec["speedup_vs_ort_int8"] = round(round_ratio(ms, "ort:int8", "apq:mixed"), 3)
+            rec.update({key: med(f"apq:{key}") for key in MIXED_VARIANTS})
+            rec["int8_path_vs_bitserial"] = round(round_ratio(ms, "apq:mixed", "apq:apq_int8_path_ms"), 3)
             if transposes:
                 rec["kernel_groups"] = kernel_groups(art, threads, cfg)
         records.append(rec)
-        print(f"# {precision}: apq {apq.median_ms:.3f} ms, ort {ort.median_ms:.3f} ms, "
-              f"speedup {ort.median_ms / apq.median_ms:.2f}", file=sys.stderr)
+        print(f"# {p}: apq {rec['apq_ms']:.3f} ms, ort {rec['ort_ms']:.3f} ms, speedup {rec['speedup']:.2f} "
+              f"({rounds} interleaved rounds, {rec['clock']} clock)", file=sys.stderr)
     return records
 
 
@@ -179,13 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per figure")
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per figure and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all builds and sessions")
+    ap.add_argument("--clock", choices=["thread", "wall"], default="thread",
+                    help="clock for 1-thread runs (bench/compile_vs_ort.py); more threads always use wall time")
     ap.add_argument("--transposes", action="store_true", help="also profile per kernel (transpose cost)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cfg = MeasureConfig(min_time_s=args.min_time, min_repeats=10)
     with tempfile.TemporaryDirectory(prefix="apq-mixed-") as tmp:
-        records = run(args.resolution, args.threads, cfg, Path(tmp), args.transposes)
+        records = run(args.resolution, args.threads, cfg, Path(tmp), args.transposes, args.rounds, args.clock)
     if args.json:
         print(json.dumps(records, indent=2))
     else:
