@@ -148,7 +148,7 @@ def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False
     interleaved rounds (bench/compile_vs_ort.py's protocol): every ratio, above all
     ``speedup_vs_ort_int8`` (onnxruntime on one file, apq on another), is a median of per-round
     ratios of figures taken seconds apart. Timed one after the other, the host's speed moved
-    between them: one sequential run read 2.72x for a build that measured 1.58x interleaved."""
+    between them: one sequential run read 2.72x for a build that measures 1.43-1.58x interleaved."""
     from tqdm import tqdm
 
     from apq.toolchain.bitserial_lowering import BitserialPolicy
