@@ -249,14 +249,16 @@ def binary_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     stem = QConvBNAct(3, 8, 3, 2, in_signed=True, w_bits=8, a_bits=8)
     blocks = [InvertedResidual(8, 32, 16, 3, 1, 1, 2, 8, 8),  # pw w1 a2 (signed expand input)
-              InvertedResidual(16, 32, 16, 3, 1, 1, 1, 8, 8)]  # pw w1; project input 1-bit unsigned
+              InvertedResidual(16, 32, 16, 3, 1, 1, 1, 8, 8),  # pw w1; project input 1-bit unsigned
+              InvertedResidual(16, 96, 16, 3, 1, 1, 4, 8, 8)]  # a4 project over 96 channels: 12 movemask words
     net = StaticNet(stem, blocks, QConvBNAct(16, 32, 1, in_signed=True, w_bits=8, a_bits=8),
                     QLinear(32, 10, w_bits=8, a_bits=8)).eval()
     calibrate_net(net, torch.randn(8, *SHAPE[1:], generator=torch.Generator().manual_seed(1)))
     return export_onnx(net, tmp_path_factory.mktemp("bin") / "binary.onnx", SHAPE)
 
 
-BINARY_LAYERS = [f"blocks.{b}.{c}.weight_q" for b in (0, 1) for c in ("expand", "project")]
+BINARY_LAYERS = [f"blocks.{b}.{c}.weight_q" for b in (0, 1, 2) for c in ("expand", "project")]
+BINARY_KERNELS = {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1", "bitserial_conv2d_a4w1"}
 
 
 def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(binary_onnx: Path, tmp_path: Path) -> None:
@@ -276,7 +278,7 @@ def test_binary_weight_model_compiles_both_ways_and_matches_onnxruntime(binary_o
         assert binary == BINARY_LAYERS
         kernels = {layers[k]["kernel"] for k in binary}
         if name == "bitserial":
-            assert kernels == {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1"}
+            assert kernels == BINARY_KERNELS
         else:
             assert not any(k.startswith("bitserial") for k in kernels)
         arts[name] = open_artifact(res.artifact_path)
@@ -297,7 +299,7 @@ def test_binary_weight_model_builds_for_arm_and_matches_under_qemu(binary_onnx: 
     res = compile_onnx(binary_onnx, "raspberry-pi/4b-aarch64", tmp_path / "arm.apq",
                        options=CompileOptions(bitserial=BitserialPolicy()))
     kernels = {lay["name"]: lay["kernel"] for lay in res.manifest["layers"]}
-    assert {kernels[k] for k in BINARY_LAYERS} == {"bitserial_conv2d_a2w1", "bitserial_conv2d_a1w1"}
+    assert {kernels[k] for k in BINARY_LAYERS} == BINARY_KERNELS
     ok, why = qemu_available()
     if not ok:
         pytest.skip(why)
