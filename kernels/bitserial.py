@@ -159,14 +159,12 @@ def _pack_conv_input(x, cfg: BitserialConfig, target=None):
     from apq.kernels import x86_bitpack
 
     c = int(x.shape[3])
-    # - stride 1 only: under a strided conv's row tile the tensorized packer's region does not
-    #   decompose (ScheduleError "not a reduction block"); strided 1x1 convs keep SWAR.
-    # - bipolar weights need the activation sums, taken from the bytes behind this packer
-    #   (_word_sums); at 1 bit that sum costs more than SWAR's single plane saves (measured: 64 ->
-    #   24 at 64x64, 1 thread: 138 us against 68 us with SWAR), from 2 bits the packer wins
-    #   (1.2-2.2x on bench shapes), so 1-bit activations of bipolar layers keep SWAR.
-    if (cfg.stride == 1 and not (cfg.mode == "bipolar" and cfg.a_bits == 1)
-            and x86_bitpack.supports(c, cfg.padding, cfg.word_bits, str(x.dtype), target)):
+    # bipolar weights need the activation sums, taken from the bytes behind this packer
+    # (_word_sums); at 1 bit that sum costs more than SWAR's single plane saves (measured: 64 -> 24
+    # at 64x64, 1 thread: 138 us against 68 us with SWAR), from 2 bits the packer wins (1.2-2.2x on
+    # bench shapes), so 1-bit activations of bipolar layers keep SWAR.
+    if (not (cfg.mode == "bipolar" and cfg.a_bits == 1)
+            and x86_bitpack.supports(c, cfg.padding, cfg.stride, cfg.word_bits, str(x.dtype), target)):
         return x86_bitpack.te_pack_activations(x, cfg.a_bits)
     return _channel_packer(x, c)(x, cfg.a_bits, cfg.padding, cfg.word_bits)
 
@@ -491,12 +489,11 @@ def _schedule(func, stages: Sequence[tuple[str, str]], target, sc: ScheduleConfi
     if sc.pack_at not in ("auto", "root", "row"):
         raise InvalidInputError(f"pack_at must be auto, root or row, got {sc.pack_at!r}")
     pack_at = pack_at_auto if sc.pack_at == "auto" else sc.pack_at
-    packs = [name for kind, name in stages if kind == "pack"]
+    packs = _with_word_sums(sch, [name for kind, name in stages if kind == "pack"])
     par = None
     for kind, name in stages:
         if kind != "pack":
             par, _ = _schedule_reduction_block(sch, name, lanes, sc, unroll_last)
-    _place_word_sums(sch, par if pack_at == "row" else None, sc.parallel)
     for name in packs:
         if pack_at == "row" and par is not None:
             # pack the rows a parallel row tile needs inside that tile: one parallel region
@@ -566,27 +563,18 @@ def schedule_fused_pointwise(sch, func, lanes: int, sched: ScheduleConfig | None
     a_bits, w_bits = (int(iv.dom.extent) for iv in sch.get(conv).iter_vars[7:9])  # the ri, rj loops
     sc = dataclasses.replace(sched or default_schedule(a_bits, w_bits), vector_lanes=lanes)
     par, _ = _schedule_reduction_block(sch, "bsconv", lanes, sc, 2)
-    _place_word_sums(sch, par, sc.parallel)
-    block = sch.get_sblock(pack)
-    sch.compute_at(block, par)
-    _finish_pack_core(sch, block)
+    for name in _with_word_sums(sch, [pack]):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, par)
+        _finish_pack_core(sch, block)
     return True
 
 
-def _place_word_sums(sch, row_loop, parallel: bool) -> None:
-    """A bipolar kernel's per-word activation sums (:data:`XSUM_BLOCK`, no-op without): inside
-    the parallel row tile like the packer (``row_loop``), or at the root with rows in parallel;
-    plane loop unrolled. Before the packer moves: its consumers must be under its new loop."""
-    if not _has_block(sch, XSUM_BLOCK):
-        return
-    block = sch.get_sblock(XSUM_BLOCK)
-    if row_loop is not None:
-        sch.compute_at(block, row_loop)
-    else:
-        loops = sch.get_loops(block)
-        if parallel and len(loops) >= 3:
-            sch.parallel(sch.fuse(loops[0], loops[1]))
-    sch.unroll(sch.get_loops(block)[-1])
+def _with_word_sums(sch, packs: list[str]) -> list[str]:
+    """The blocks scheduled like activation packers, in placement order: a bipolar kernel's
+    per-word sums (:data:`XSUM_BLOCK`) first, since they may read the packed words and a packer
+    moves under a loop only once all its consumers are there."""
+    return ([XSUM_BLOCK] if _has_block(sch, XSUM_BLOCK) else []) + packs
 
 
 def depthwise_primfunc(x_shape: Sequence[int], kernel_size: int, cfg: BitserialConfig, target=None,

@@ -34,9 +34,12 @@ PACK_BLOCK = "xpack_movemask"
 WORD_BITS = 32  # one vpmovmskb ymm: 32 bytes -> 32 bits
 
 
-def supports(channels: int, padding: int, word_bits: int, x_dtype: str, target: Any) -> bool:
-    """Whether the movemask packer can pack this layer's activations on ``target``."""
-    if channels % WORD_BITS or padding or word_bits != WORD_BITS or x_dtype != "uint8" or target is None:
+def supports(channels: int, padding: int, stride: int, word_bits: int, x_dtype: str, target: Any) -> bool:
+    """Whether the movemask packer can pack this layer's activations on ``target``. Stride 1 only:
+    under a strided conv's row tile the tensorized packer's region does not decompose
+    (ScheduleError "not a reduction block")."""
+    if (channels % WORD_BITS or padding or stride != 1 or word_bits != WORD_BITS or x_dtype != "uint8"
+            or target is None):
         return False
     from tvm.target import codegen
 
