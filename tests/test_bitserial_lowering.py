@@ -193,9 +193,10 @@ EXPECTED = {  # layer -> kernel family on a popcount CPU with the default policy
 
 
 #: the same network on an AVX-512 VNNI host: the layers that stay int8 take the VNNI forms of the
-#: int8 path (u8 x s8 pointwise, KxK convs accumulated in float32), the bit-serial ones are as above
+#: int8 path (u8 x s8 pointwise; the signed RGB stem re-biased to u8, gathered into patches and run
+#: as a pointwise conv; depthwise convs accumulated in float32), the bit-serial ones are as above
 VNNI_KERNELS = {
-    "stem.weight_q": ("conv2d.int8xint8->float32", "int-fp32acc"),
+    "stem.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),
     "blocks.1.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
     "blocks.2.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
     "head.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),

@@ -256,3 +256,59 @@ def test_int8_matmul_becomes_the_packed_pointwise_kernel_exactly(m, k, n):
     np.testing.assert_array_equal(got, xs.astype(np.int64) @ w.astype(np.int64))
     wide = rng.integers(-128, 128, (k, 10)).astype(np.int8)  # 10 outputs: no vpdpbusd lane count
     assert pack_matmuls(_matmul_module(wide, m))[1] == 0
+
+
+def test_gathers_patches_takes_ungrouped_few_channel_kxk_convs_with_packable_outputs():
+    from apq.toolchain.int8_layout import gathers_patches
+
+    def w(oc: int, ic: int, k: int) -> np.ndarray:
+        return np.zeros((oc, ic, k, k), np.int8)
+
+    assert gathers_patches(w(32, 3, 3), 1) and gathers_patches(w(16, 1, 5), 1) and gathers_patches(w(8, 4, 3), 1)
+    assert not gathers_patches(w(32, 5, 3), 1)  # too many input channels
+    assert not gathers_patches(w(32, 3, 1), 1)  # 1x1: already a pointwise conv
+    assert not gathers_patches(w(3, 1, 3), 3)  # grouped (depthwise)
+    assert not gathers_patches(w(6, 3, 3), 1)  # 6 output channels: no vpdpbusd lane count (lanes_for)
+
+
+def _signed_stem_net():
+    import torch
+
+    from apq.toolchain.supernet.qlayers import InvertedResidual, QConvBNAct, QLinear, StaticNet, calibrate_net
+
+    torch.manual_seed(0)
+    stem = QConvBNAct(3, 16, 3, 2, in_signed=True, w_bits=8, a_bits=8)  # apq's exporter: signed image input
+    net = StaticNet(stem, [InvertedResidual(16, 32, 16, 3, 1, 8, 8, 8, 8)], QConvBNAct(16, 32, 1, in_signed=True,
+                    w_bits=8, a_bits=8), QLinear(32, 10, w_bits=8, a_bits=8))
+    net.eval()
+    calibrate_net(net, torch.randn(8, 3, 20, 20, generator=torch.Generator().manual_seed(0)))
+    return net
+
+
+@needs_vnni
+def test_signed_stem_is_rebiased_into_the_patch_gather_and_gives_the_same_bits(tmp_path, monkeypatch):
+    """An apq-exported stem reads a signed image: qdq_lowering's ``uint8_stems`` shifts it to u8 so
+    the NHWC int8 layout gathers it into patches for vpdpbusd. Without it (the gather predicate
+    off) the stem accumulates in float32; both builds must agree bit for bit and with onnxruntime."""
+    from apq.toolchain import int8_layout
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import compile_onnx
+    from apq.toolchain.runtime import run_artifact
+    from apq.toolchain.supernet.qlayers import export_onnx
+    from apq.toolchain.verify import verify_artifact
+
+    onnx_path = export_onnx(_signed_stem_net(), tmp_path / "stem.onnx", (1, 3, 20, 20))
+    arts = {}
+    for gathered in (True, False):
+        if not gathered:
+            monkeypatch.setattr(int8_layout, "gathers_patches", lambda w, groups: False)
+        res = compile_onnx(onnx_path, "host", tmp_path / f"g{gathered}.apq")
+        arts[gathered] = open_artifact(res.artifact_path)
+        stem = res.manifest["layers"][0]
+        assert stem["name"] == "stem.weight_q"
+        want = ("conv2d.uint8xint8->int32", "avx512-vnni") if gathered else ("conv2d.int8xint8->float32", "int-fp32acc")
+        assert (stem["kernel"], stem["impl"]) == want, stem
+        assert verify_artifact(arts[gathered], onnx_path).passed
+    for seed in range(3):
+        x = arts[True].random_inputs(seed)
+        np.testing.assert_array_equal(run_artifact(arts[True], x)[0], run_artifact(arts[False], x)[0])

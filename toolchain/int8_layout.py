@@ -71,16 +71,37 @@ def pack_pointwise_convs(mod: Any) -> tuple[Any, int]:
     return rewrite_calls(mod, "relax.nn.conv2d", pack)
 
 
+def _gather_policy() -> Any:
+    from apq.kernels.x86_int8_nhwc import K_GROUP, lanes_for
+    from apq.toolchain.patch_gather import GatherPolicy
+
+    return GatherPolicy(data_dtype="uint8", weight_dtype="int8", depth_multiple=K_GROUP,
+                        out_channels_ok=lambda oc: lanes_for(oc) is not None)
+
+
+def gathers_patches(w_oihw: Any, groups: int) -> bool:
+    """Would :func:`im2col_few_channel_convs` gather this integer conv (OIHW weight), given a
+    u8 input? An ungrouped KxK conv over few input channels (the RGB stem).
+
+    Why qdq_lowering asks (its ``uint8_stems``): the gather takes u8 inputs only (``vpdpbusd``
+    multiplies u8 x s8), and apq's exporter writes the stem's input signed (a normalized image).
+    Without a re-bias such a stem stayed on the float-accumulated KxK schedule, which broadcasts
+    one input value per tap: the largest kernel of the 32 px benchmark network (36 us of ~230),
+    against ~22 us for gather + VNNI (bench/mixed_precision.py's network, interleaved: 1.15x
+    faster int8 model, outputs bit-identical).
+    """
+    policy = _gather_policy()
+    oc, ic, kh, kw = w_oihw.shape
+    return groups == 1 and kh * kw > 1 and ic <= policy.max_channels and policy.out_channels_ok(oc)
+
+
 def im2col_few_channel_convs(mod: Any) -> tuple[Any, int]:
     """Few-input-channel KxK int8 convs (the RGB stem) -> patch gather + ``u8 x s8`` pointwise
     conv over ``kh * kw * C`` channels rounded up to whole ``vpdpbusd`` groups
     (toolchain/patch_gather.py); :func:`pack_pointwise_convs` then packs it. Returns (mod, count)."""
-    from apq.kernels.x86_int8_nhwc import K_GROUP, lanes_for
-    from apq.toolchain.patch_gather import GatherPolicy, gather_few_channel_convs
+    from apq.toolchain.patch_gather import gather_few_channel_convs
 
-    policy = GatherPolicy(data_dtype="uint8", weight_dtype="int8", depth_multiple=K_GROUP,
-                          out_channels_ok=lambda oc: lanes_for(oc) is not None)
-    return gather_few_channel_convs(mod, policy)
+    return gather_few_channel_convs(mod, _gather_policy())
 
 
 def pack_matmuls(mod: Any) -> tuple[Any, int]:

@@ -209,6 +209,10 @@ class _Lowering:
     #: accumulate KxK integer convs (depthwise, the stem) in float32 where that is provably
     #: exact (see :func:`float_accumulation_is_exact`).
     float_accumulation: bool = False
+    #: shift int8 activations of few-channel KxK convs (the RGB stem, int8_layout.gathers_patches) to
+    #: uint8 like ``uint8_pointwise`` does, and keep them on int32 accumulation: the NHWC int8
+    #: layout then runs them as a patch gather + u8 x s8 pointwise conv (toolchain/patch_gather.py).
+    uint8_stems: bool = False
     #: weight fingerprints (:func:`apq.toolchain.layers.weight_fingerprint` of the integer weight
     #: as emitted) of layers lowered plainly whatever the two options above say: the layers a
     #: bit-serial plan takes, which need their zero-point-0 integer input and int32 accumulator.
@@ -372,6 +376,8 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     """conv2d(dequantize(x), dequantize(W)) [+ bias] -> integer conv2d + rescale, or None."""
     from tvm import relax
 
+    from apq.toolchain.int8_layout import gathers_patches
+
     conv = m.dot
     if str(_attr(conv, "data_layout")) != "NCHW" or str(_attr(conv, "kernel_layout")) != "OIHW":
         return None
@@ -397,9 +403,10 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     # KxK convs only: 1x1 convs are GEMMs, which the int8 dot-product instructions run faster
     data_dtype = str(data.ty.dtype)
     plain = weight_fingerprint(w) in state.plain_layers
-    float_acc = (state.float_accumulation and not plain and w.shape[2] * w.shape[3] > 1
+    stem = state.uint8_stems and not plain and gathers_patches(w, kwargs["groups"])  # int8_layout's gather
+    float_acc = (state.float_accumulation and not plain and not stem and w.shape[2] * w.shape[3] > 1
                  and float_accumulation_is_exact(w, data_dtype))
-    if state.uint8_pointwise and not plain and pointwise and data_dtype == "int8":
+    if ((state.uint8_pointwise and pointwise) or stem) and not plain and data_dtype == "int8":
         data = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16")), "uint8")
         zx += 128
     if zx != 0 and any(padding):
@@ -491,7 +498,7 @@ def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
 
 
 def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main",
-              uint8_pointwise: bool = False, float_accumulation: bool = False,
+              uint8_pointwise: bool = False, float_accumulation: bool = False, uint8_stems: bool = False,
               plain_layers: frozenset[str] = frozenset()) -> Any:
     """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
 
@@ -505,13 +512,16 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     VNNI takes the 1x1 convs; int8 MobileNetV2 at 224 px 0.67x -> 0.83x of onnxruntime), not
     yet measured on ARM. Off by default: the layer report then names these kernels
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
-    ``plain_layers`` (integer weight fingerprints) exempts layers from both options: the ones a
-    bit-serial plan (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
+    ``uint8_stems`` re-biases int8 inputs of few-channel KxK convs (int8_layout.gathers_patches) the
+    same way and keeps them on int32 accumulation, for a layout that gathers them into patches
+    (toolchain/int8_layout.py). ``plain_layers`` (integer weight fingerprints) exempts layers
+    from these options: the ones a bit-serial plan (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
     """
     from tvm import relax
 
     state = _Lowering(_weight_hints(bits_hint), uint8_pointwise=uint8_pointwise,
-                      float_accumulation=float_accumulation, plain_layers=frozenset(plain_layers))
+                      float_accumulation=float_accumulation, uint8_stems=uint8_stems,
+                      plain_layers=frozenset(plain_layers))
     func = mod[func_name]
     for rule in RULES:
         func = _apply_rule(func, rule, state)
