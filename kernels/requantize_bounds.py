@@ -154,16 +154,17 @@ _RULES = {
 }
 
 
-def _droppable(call: Any, var2val: dict[Any, Any]) -> tuple[tuple[float, float, int, str], bool] | None:
+def _droppable(call: Any, var2val: dict[Any, Any], data: Any = None) -> tuple[tuple[float, float, int, str], bool] | None:
     """(scale, reciprocal, zero point, out dtype) of a quantize whose clamp is provably dead, and
-    whether its quotient is also proven small enough to round straight to int32."""
+    whether its quotient is also proven small enough to round straight to int32. ``data``: the
+    value quantized in place of ``call``'s input (:func:`_absorbed_clip`)."""
     from apq.kernels.requantize import INTEGER_ROUNDING_LIMIT, exact_quantize_params
 
     params = exact_quantize_params(call)
     if params is None:
         return None
     reciprocal = params[1]
-    bound = value_bound(call.args[0], var2val)
+    bound = value_bound(call.args[0] if data is None else data, var2val)
     if bound is None:
         return None
     quotient_bound = bound * abs(reciprocal) * _ROUNDING_SLACK
@@ -172,11 +173,69 @@ def _droppable(call: Any, var2val: dict[Any, Any]) -> tuple[tuple[float, float, 
     return params, quotient_bound < INTEGER_ROUNDING_LIMIT
 
 
+def _clip_limits(call: Any) -> tuple[Any, float | None, float | None] | None:
+    """(input, lower, upper) of a clip-like call with constant scalar limits (None: no limit on
+    that side): ``maximum``/``minimum`` by a scalar, ``clip``, ``relu``; else None."""
+    op = getattr(call.op, "name", "") if hasattr(call, "op") else ""
+    if op == "relax.nn.relu":
+        return call.args[0], 0.0, None
+    if op == "relax.clip":
+        lo, hi = (_prim_or_const(a) for a in call.args[1:3])
+        return None if lo is None or hi is None else (call.args[0], lo, hi)
+    if op in ("relax.maximum", "relax.minimum"):
+        for x, c in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+            value = const_value(c)
+            if value is not None and value.size == 1 and np.isfinite(float(value.reshape(-1)[0])):
+                limit = float(value.reshape(-1)[0])
+                return (x, limit, None) if op == "relax.maximum" else (x, None, limit)
+    return None
+
+
+def _absorbed_clip(data: Any, params: tuple[float, float, int, str], var2val: dict[Any, Any]) -> Any | None:
+    """What ``quantize(data)`` may quantize instead: ``data`` without the clips (ReLU6's maximum
+    and minimum) that the quantize's own output saturation makes redundant, or None.
+
+    Why: an int8 layer's ReLU6 is two vector instructions per 16 outputs in every epilogue, and
+    the saturation to the output type right after it already clamps at least as hard whenever
+    ``rint(lo / s) + z <= qmin`` and ``rint(hi / s) + z >= qmax``: ``rint(x / s)`` is monotone, so
+    every ``x`` below ``lo`` quantizes to ``qmin`` with or without the clip, and likewise above
+    ``hi``. apq's exporter calibrates the output scale to the activation's clip range
+    (``s = c / 255``, ``c <= 6``), so ``rint(6 / s) >= 255``: ReLU6 never binds. Only clips of a
+    provably finite value go (a NaN would pass ``maximum`` differently); the caller re-proves the
+    quantize's bound on the unclipped value.
+    """
+    import tvm
+    from tvm import relax
+
+    scale, _, zero_point, out_dtype = params
+    info = tvm.DataType(out_dtype)
+    qmin = 0 if info.type_code == tvm.DataTypeCode.UINT else -(1 << (info.bits - 1))
+    qmax = (1 << info.bits) - 1 if qmin == 0 else (1 << (info.bits - 1)) - 1
+
+    def level(x: float) -> float:
+        return float(np.rint(np.float32(x) / np.float32(scale))) + zero_point  # ONNX: rint(x / s) + z
+
+    inner, expr = None, data
+    while isinstance(expr, relax.Var) and isinstance(var2val.get(expr), relax.Call):
+        found = _clip_limits(var2val[expr])
+        if found is None:
+            break
+        x, lo, hi = found
+        if (lo is not None and level(lo) > qmin) or (hi is not None and level(hi) < qmax):
+            break
+        inner = expr = x
+    if inner is None or value_bound(inner, var2val) is None:
+        return None
+    return inner
+
+
 def drop_proven_clamps(mod: Any) -> tuple[Any, int]:
     """Rewrite every ``quantize`` with a proven-bounded input to the unclamped compute.
 
     Returns (module, rewritten count). Run after layout conversion and before ``LegalizeOps``
-    (kernels/pipeline.py: :func:`apq.kernels.pipeline.prepare_passes`).
+    (kernels/pipeline.py: :func:`apq.kernels.pipeline.prepare_passes`). Such a quantize also
+    skips the clips right before it that its output saturation makes redundant
+    (:func:`_absorbed_clip`), when the quotient stays as provably small without them.
     """
     from tvm import relax
 
@@ -192,13 +251,19 @@ def drop_proven_clamps(mod: Any) -> tuple[Any, int]:
             nonlocal count
             is_quantize = getattr(call.op, "name", "") == "relax.quantize"
             proven = _droppable(call, self.var2val) if is_quantize else None
+            data = None
+            if proven is not None:
+                inner = _absorbed_clip(call.args[0], proven[0], self.var2val)
+                unclipped = None if inner is None else _droppable(call, self.var2val, inner)
+                if unclipped is not None and unclipped[1] >= proven[1]:  # as cheap a rounding
+                    data, proven = inner, unclipped
             call = super().visit_call_(call)
             if proven is None:
                 return call
             count += 1
             params, integer_rounding = proven
             compute = quantize_compute(*params, clamp=False, integer_rounding=integer_rounding)
-            return self.builder_.call_te(compute, call.args[0],
+            return self.builder_.call_te(compute, call.args[0] if data is None else self.visit_expr(data),
                                          primfunc_name_hint="quantize")
 
     rewriter = _Rewriter(mod)

@@ -254,3 +254,65 @@ def test_conv_of_a_bounded_input_with_constant_weights_is_bounded():
     assert 255 * np.abs(w.astype(np.int64)).sum() <= bound <= 255 * np.abs(w.astype(np.int64)).sum() * 1.001
     free = relax.Var("w", relax.TensorType((2, 1, 3, 3), "int8"))
     assert value_bound(relax.op.nn.conv2d(x, free, groups=2, out_dtype="float32"), {}) is None
+
+
+def _relu6_requantize_module(multiplier: float, scale: float, zero_point: int, dtype: str):
+    """quantize(minimum(maximum(astype(acc, f32) * m, 0), 6), s, z): an int8 layer's ReLU6 epilogue."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    acc = relax.Var("acc", relax.TensorType([8192], "int32"))
+    with bb.function("main", [acc]):
+        with bb.dataflow():
+            x = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(np.float32(multiplier))))
+            x = bb.emit(relax.op.minimum(relax.op.maximum(x, relax.const(np.float32(0))), relax.const(np.float32(6))))
+            q = bb.emit(relax.op.quantize(x, relax.const(np.float32(scale)), relax.const(np.array(zero_point, dtype)),
+                                          axis=-1, out_dtype=dtype))
+            out = bb.emit_output(q)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("dtype,zero_point,scale,absorbed", [
+    ("uint8", 0, 6.0 / 255 * 0.4, ("maximum", "minimum")),  # calibrated clip 2.4 < 6: ReLU6 never binds
+    ("uint8", 0, 6.0 / 255, ("maximum", "minimum")),  # rint(6 / s) = 255 exactly
+    ("uint8", 0, 0.05, ()),  # rint(6 / s) = 120 < 255: the 6 binds, so nothing goes (the chain stops there)
+    ("int8", 0, 0.02, ("minimum",)),  # signed output: rint(0 / s) = 0 > -128, the maximum binds
+    ("int8", -128, 0.02, ("maximum", "minimum")),  # zero point -128: 0 maps to the lowest level
+])
+def test_relu6_the_output_saturation_covers_is_dropped_without_changing_any_output(
+        dtype, zero_point, scale, absorbed, monkeypatch):
+    """A ReLU6 before a requantize whose saturation clamps at least as hard goes (requantize_bounds
+    ``_absorbed_clip``); one that binds stays. Either way the outputs equal NumPy's
+    clip -> rint(x / s) + z -> saturate, and the build without the rule, bit for bit."""
+    from tvm import relax
+
+    from apq.kernels import requantize_bounds
+    from apq.kernels.pipeline import compile_relax
+    from apq.kernels.requantize_bounds import drop_proven_clamps
+    from apq.targets.registry import get_target
+
+    m = 0.0173 * 0.37
+    mod = _relu6_requantize_module(m, scale, zero_point, dtype)
+    rewritten, count = drop_proven_clamps(mod)
+    assert count == 1
+    live = relax.transform.DeadCodeElimination()(rewritten).script()
+    for op in ("maximum", "minimum"):
+        assert (f"R.{op}(" not in live) == (op in absorbed), live
+    target = tvm.target.Target(get_target("host").tvm_target)
+    rng = np.random.default_rng(5)
+    acc = rng.integers(-(1 << 31), (1 << 31) - 1, 8192, dtype=np.int64).astype(np.int32)
+    acc[:4096] = rng.integers(-4000, 4000, 4096)  # around the clip limits: x in about [-26, 26]
+    acc[4096:4104] = [-(1 << 31), (1 << 31) - 1, 0, 1, -1, 1 << 24, -(1 << 24), int(6 / m)]
+    got = {}
+    for name, rule in (("rule", requantize_bounds._absorbed_clip), ("no rule", lambda *a: None)):
+        monkeypatch.setattr(requantize_bounds, "_absorbed_clip", rule)
+        vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
+        got[name] = vm["main"](tvm.runtime.tensor(acc)).numpy()
+    x = np.clip((acc.astype(np.float32) * np.float32(m)).astype(np.float32), np.float32(0), np.float32(6))
+    info = np.iinfo(dtype)
+    want = np.clip(np.rint(x / np.float32(scale)) + zero_point, info.min, info.max).astype(dtype)
+    assert np.array_equal(got["rule"], want)
+    assert np.array_equal(got["rule"], got["no rule"])
+    ends = np.clip(np.rint(np.float32([0, 6]) / np.float32(scale)) + zero_point, info.min, info.max)
+    assert [want.min(), want.max()] == list(ends) and len(np.unique(want)) > 50  # both ends reached, many levels
