@@ -5,21 +5,23 @@ One MobileNetV2-style StaticNet (random weights, BN statistics randomised, activ
 calibrated on random inputs) is exported three ways on the same weights: ``int8`` (apq QDQ
 convention, every layer 8 bits), ``mixed`` (pointwise convs of the inner blocks at 2-4 bits, which
 apq-compile lowers to bit-serial kernels; depthwise, stem, head and classifier 8 bits; one file per
-policy of :data:`MIXED_POLICIES`) and ``float``. Each ONNX file is compiled by apq for the host and run by onnxruntime (all graph
-optimizations: QDQ fused into its int8 kernels where it can), same threads, batch 1. Everything is
-built first, then every build and session is timed in ``--rounds`` interleaved rounds by the same
-protocol (apq.toolchain.profile: warm-up, repeat until a minimum time, median; bench/compile_vs_ort.py's
-``time_rounds``), and every ratio is the median of per-round ratios, so ratios are meaningful on a
-loaded machine and absolute numbers are not.
+policy of :data:`MIXED_POLICIES`) and ``float``. Each ONNX file is compiled by apq for the host and
+run by onnxruntime (all graph optimizations: QDQ fused into its int8 kernels where it can), same
+threads, batch 1. Everything is built first, then every build and session is timed in
+``--rounds`` interleaved rounds by the same protocol (apq.toolchain.profile: warm-up, repeat until
+a minimum time, median; bench/compile_vs_ort.py's ``time_rounds``), and every ratio is the median
+of per-round ratios, so ratios are meaningful on a loaded machine and absolute numbers are not.
 
 Records: {model, precision, threads, apq_ms, ort_ms, speedup (= ort_ms / apq_ms), ...}; each mixed
-model also gets ``policy``, ``pointwise_bits``, ``speedup_vs_ort_int8`` (ort on the all-int8 file / apq on the mixed file: the
-question "is apq's mixed model faster than what onnxruntime runs for an int8 model?") and
-``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled: what the bit-serial
-kernels themselves buy; ``int8_path_vs_bitserial`` is the per-round ratio mixed / int8 path), ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the bit-serial build
-without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
-toolchain/layout.py), ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
-requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes`` adds the per-kernel share of the NCHW<->NHWC transposes.
+model also gets ``policy``, ``pointwise_bits``, ``speedup_vs_ort_int8`` (ort on the all-int8 file /
+apq on the mixed file: the question "is apq's mixed model faster than what onnxruntime runs for an
+int8 model?") and ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled:
+what the bit-serial kernels themselves buy; ``int8_path_vs_bitserial`` is the per-round ratio
+mixed / int8 path); the first policy also ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the
+bit-serial build without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
+toolchain/layout.py) and ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
+requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes``
+adds the per-kernel share of the NCHW<->NHWC transposes.
 """
 
 from __future__ import annotations
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    print(f"{'precision':<19} {'thr':>3} {'apq_ms':>8} {'ort_ms':>8} {'speedup':>8} {'vs ort int8':>11} {'bit-serial':>10}")
+    print(f"{'precision':<19} {'thr':>3} {'apq_ms':>8} {'ort_ms':>8} {'speedup':>8} {'vs ort int8':>11} "
+          f"{'bit-serial':>10}")
     for r in records:
         name = r["precision"] + (f":{r['policy']}" if "policy" in r else "")
         vs_int8 = f"{r['speedup_vs_ort_int8']:>11.2f}" if "policy" in r else f"{'':>11}"

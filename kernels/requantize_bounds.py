@@ -154,7 +154,8 @@ _RULES = {
 }
 
 
-def _droppable(call: Any, var2val: dict[Any, Any], data: Any = None) -> tuple[tuple[float, float, int, str], bool] | None:
+def _droppable(call: Any, var2val: dict[Any, Any],
+               data: Any = None) -> tuple[tuple[float, float, int, str], bool] | None:
     """(scale, reciprocal, zero point, out dtype) of a quantize whose clamp is provably dead, and
     whether its quotient is also proven small enough to round straight to int32. ``data``: the
     value quantized in place of ``call``'s input (:func:`_absorbed_clip`)."""

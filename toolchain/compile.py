@@ -144,8 +144,8 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # The requantize division stays in the graph; kernels/requantize.py legalizes it without a
         # divide instruction, bit-identical to the division (ONNX semantics).
         # uint8_stems: a signed RGB stem re-biased to u8 is what the NHWC layout's patch gather +
-        # vpdpbusd take (int8_layout.im2col_few_channel_convs); bench/mixed_precision.py int8 model at 32 px
-        # 2.19x -> 2.53x of onnxruntime (one interleaved A/B), bit-identical.
+        # vpdpbusd take (int8_layout.im2col_few_channel_convs); bench/mixed_precision.py int8 model
+        # at 32 px 2.19x -> 2.53x of onnxruntime (one interleaved A/B), bit-identical.
         mod = lower_qdq(mod, hints, uint8_pointwise=vnni, float_accumulation=vnni,
                         uint8_stems=vnni and options.int8_layout == "NHWC", plain_layers=plain)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels

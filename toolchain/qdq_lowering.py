@@ -209,8 +209,8 @@ class _Lowering:
     #: accumulate KxK integer convs (depthwise, the stem) in float32 where that is provably
     #: exact (see :func:`float_accumulation_is_exact`).
     float_accumulation: bool = False
-    #: shift int8 activations of few-channel KxK convs (the RGB stem, int8_layout.gathers_patches) to
-    #: uint8 like ``uint8_pointwise`` does, and keep them on int32 accumulation: the NHWC int8
+    #: shift int8 activations of few-channel KxK convs (the RGB stem, int8_layout.gathers_patches)
+    #: to uint8 like ``uint8_pointwise`` does, and keep them on int32 accumulation: the NHWC int8
     #: layout then runs them as a patch gather + u8 x s8 pointwise conv (toolchain/patch_gather.py).
     uint8_stems: bool = False
     #: weight fingerprints (:func:`apq.toolchain.layers.weight_fingerprint` of the integer weight
@@ -512,10 +512,11 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     VNNI takes the 1x1 convs; int8 MobileNetV2 at 224 px 0.67x -> 0.83x of onnxruntime), not
     yet measured on ARM. Off by default: the layer report then names these kernels
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
-    ``uint8_stems`` re-biases int8 inputs of few-channel KxK convs (int8_layout.gathers_patches) the
-    same way and keeps them on int32 accumulation, for a layout that gathers them into patches
+    ``uint8_stems`` re-biases int8 inputs of few-channel KxK convs (int8_layout.gathers_patches)
+    the same way and keeps them on int32 accumulation, for a layout that gathers them into patches
     (toolchain/int8_layout.py). ``plain_layers`` (integer weight fingerprints) exempts layers
-    from these options: the ones a bit-serial plan (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
+    from these options: the ones a bit-serial plan
+    (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
     """
     from tvm import relax
 
