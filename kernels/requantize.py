@@ -90,17 +90,24 @@ def scalar_value(expr: Any) -> np.ndarray | None:
     return None if value is None or value.size != 1 else value.reshape(-1)[0]
 
 
+def output_range(out_dtype: str) -> tuple[int, int]:
+    """(lowest, highest) value of an integer quantize output type: what it saturates to."""
+    import tvm
+
+    info = tvm.DataType(out_dtype)
+    lowest = 0 if info.type_code == tvm.DataTypeCode.UINT else -(1 << (info.bits - 1))
+    highest = (1 << info.bits) - 1 if lowest == 0 else (1 << (info.bits - 1)) - 1
+    return lowest, highest
+
+
 def round_saturate(q: Any, zero_point: int, out_dtype: str) -> Any:
     """TIR ``saturate(rint(q) + zero_point)`` to ``out_dtype``, rounding to int32 directly.
 
     Only for ``|q| <`` :data:`INTEGER_ROUNDING_LIMIT` (finite): see there.
     """
-    import tvm
     from tvm import te, tirx
 
-    info = tvm.DataType(out_dtype)
-    lowest = 0 if info.type_code == tvm.DataTypeCode.UINT else -(1 << (info.bits - 1))
-    highest = (1 << info.bits) - 1 if lowest == 0 else (1 << (info.bits - 1)) - 1
+    lowest, highest = output_range(out_dtype)
     shifted = tirx.call_llvm_pure_intrin("int32", "llvm.lrint", q) + tirx.const(zero_point, "int32")
     clipped = te.max(te.min(shifted, tirx.const(highest, "int32")), tirx.const(lowest, "int32"))
     return clipped.astype(out_dtype)
@@ -174,5 +181,5 @@ def legalize_map() -> dict[str, Any]:
     return {"relax.quantize": legalize_quantize}
 
 
-__all__ = ["exact_reciprocal", "exact_quotient", "legalize_quantize", "legalize_map", "quantize_compute", "scalar_value", "exact_quantize_params", "round_saturate", "INTEGER_ROUNDING_LIMIT", "SCALE_MIN",
+__all__ = ["exact_reciprocal", "exact_quotient", "legalize_quantize", "legalize_map", "quantize_compute", "scalar_value", "exact_quantize_params", "output_range", "round_saturate", "INTEGER_ROUNDING_LIMIT", "SCALE_MIN",
            "SCALE_MAX"]

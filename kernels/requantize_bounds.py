@@ -174,6 +174,17 @@ def _droppable(call: Any, var2val: dict[Any, Any],
     return params, quotient_bound < INTEGER_ROUNDING_LIMIT
 
 
+def _signed_limit(expr: Any) -> float | None:
+    """A finite clip limit, sign kept: a PrimValue's number or a one-element constant's
+    (requantize.scalar_value); else None. (:func:`_prim_or_const` gives a bound, |value|.)"""
+    from apq.kernels.requantize import scalar_value
+
+    value = getattr(getattr(expr, "value", None), "value", None)  # relax.PrimValue(FloatImm/IntImm)
+    if not isinstance(value, (int, float)):
+        value = scalar_value(expr)
+    return float(value) if value is not None and np.isfinite(float(value)) else None
+
+
 def _clip_limits(call: Any) -> tuple[Any, float | None, float | None] | None:
     """(input, lower, upper) of a clip-like call with constant scalar limits (None: no limit on
     that side): ``maximum``/``minimum`` by a scalar, ``clip``, ``relu``; else None."""
@@ -181,13 +192,12 @@ def _clip_limits(call: Any) -> tuple[Any, float | None, float | None] | None:
     if op == "relax.nn.relu":
         return call.args[0], 0.0, None
     if op == "relax.clip":
-        lo, hi = (_prim_or_const(a) for a in call.args[1:3])
+        lo, hi = (_signed_limit(a) for a in call.args[1:3])
         return None if lo is None or hi is None else (call.args[0], lo, hi)
     if op in ("relax.maximum", "relax.minimum"):
         for x, c in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-            value = const_value(c)
-            if value is not None and value.size == 1 and np.isfinite(float(value.reshape(-1)[0])):
-                limit = float(value.reshape(-1)[0])
+            limit = _signed_limit(c)
+            if limit is not None:
                 return (x, limit, None) if op == "relax.maximum" else (x, None, limit)
     return None
 
@@ -205,13 +215,12 @@ def _absorbed_clip(data: Any, params: tuple[float, float, int, str], var2val: di
     provably finite value go (a NaN would pass ``maximum`` differently); the caller re-proves the
     quantize's bound on the unclipped value.
     """
-    import tvm
     from tvm import relax
 
+    from apq.kernels.requantize import output_range
+
     scale, _, zero_point, out_dtype = params
-    info = tvm.DataType(out_dtype)
-    qmin = 0 if info.type_code == tvm.DataTypeCode.UINT else -(1 << (info.bits - 1))
-    qmax = (1 << info.bits) - 1 if qmin == 0 else (1 << (info.bits - 1)) - 1
+    qmin, qmax = output_range(out_dtype)
 
     def level(x: float) -> float:
         return float(np.rint(np.float32(x) / np.float32(scale))) + zero_point  # ONNX: rint(x / s) + z
