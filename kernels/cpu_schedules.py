@@ -1063,6 +1063,20 @@ class Int8PointwiseNHWCRule(_LazyRule):
         return conv is not None and x86_int8_nhwc.schedule_packed_pointwise(sch, func, conv, cfg)
 
 
+class Int8DepthwiseNHWCRule(_LazyRule):
+    """Packed-weight int8 depthwise NHWC conv on VNNI (kernels/x86_int8_depthwise.py)."""
+
+    name = "int8-depthwise-nhwc"
+
+    def schedule(self, sch: Any, func: Any, cfg: CpuScheduleConfig) -> bool:
+        if cfg.int8_dot != "avx512vnni":
+            return False
+        from apq.kernels import x86_int8_depthwise
+
+        found = x86_int8_depthwise.find_packed_depthwise(sch)
+        return found is not None and x86_int8_depthwise.schedule_packed_depthwise(sch, func, *found, cfg)
+
+
 class DepthwiseChainNHWCRule(_LazyRule):
     """A depthwise conv fused with the pointwise convs around it (kernels/fuse_dw_pw.py)."""
 
@@ -1116,6 +1130,7 @@ RULES: dict[str, type[_LazyRule]] = {
     Im2colRule.name: Im2colRule,
     NchwInputConvRule.name: NchwInputConvRule,
     Int8PointwiseNHWCRule.name: Int8PointwiseNHWCRule,
+    Int8DepthwiseNHWCRule.name: Int8DepthwiseNHWCRule,
     DepthwiseChainNHWCRule.name: DepthwiseChainNHWCRule,
     Conv2dNHWCRule.name: Conv2dNHWCRule,
     Conv2dNCHWRule.name: Conv2dNCHWRule,

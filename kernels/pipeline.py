@@ -41,12 +41,14 @@ def prepare_passes(target: Any, cfg: CpuScheduleConfig | None = None) -> list[An
     (every int8 layer's epilogue) lose their saturation clamp (:mod:`apq.kernels.requantize_bounds`).
     After FuseTIR, large depthwise blocks (expand ->) depthwise (-> project) become one PrimFunc
     (:mod:`apq.kernels.fuse_dw_pw`; ``cfg`` None: the target's config), and float accumulators
-    start at their bias (:mod:`apq.kernels.bias_init`).
+    start at their bias (:mod:`apq.kernels.bias_init`), and the inputs of packed int8 depthwise
+    convs are written in their channel blocks (:mod:`apq.kernels.blocked_handoff`).
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from apq.kernels.bias_init import bias_init_pass
+    from apq.kernels.blocked_handoff import blocked_handoff_pass
     from apq.kernels.fuse_dw_pw import fuse_depthwise_chains_pass
     from apq.kernels.requantize import legalize_map
     from apq.kernels.requantize_bounds import drop_proven_clamps_pass
@@ -54,7 +56,8 @@ def prepare_passes(target: Any, cfg: CpuScheduleConfig | None = None) -> list[An
     return (cpu.library_dispatch_passes(target)
             + [drop_proven_clamps_pass(), relax.transform.LegalizeOps(customize_legalize_map=legalize_map())]
             + cpu.legalize_passes(target)
-            + [fuse_depthwise_chains_pass(cfg or CpuScheduleConfig.for_target(target)), bias_init_pass()])
+            + [fuse_depthwise_chains_pass(cfg or CpuScheduleConfig.for_target(target)), bias_init_pass(),
+               blocked_handoff_pass()])
 
 
 def fused_module(mod: Any, target: Any, cfg: CpuScheduleConfig | None = None) -> Any:

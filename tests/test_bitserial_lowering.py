@@ -197,8 +197,8 @@ EXPECTED = {  # layer -> kernel family on a popcount CPU with the default policy
 #: as a pointwise conv; depthwise convs accumulated in float32), the bit-serial ones are as above
 VNNI_KERNELS = {
     "stem.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),
-    "blocks.1.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
-    "blocks.2.depthwise.weight_q": ("conv2d.uint8xint8->float32", "int-fp32acc"),
+    "blocks.1.depthwise.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),  # kernels/x86_int8_depthwise.py
+    "blocks.2.depthwise.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),
     "head.weight_q": ("conv2d.uint8xint8->int32", "avx512-vnni"),
 }
 

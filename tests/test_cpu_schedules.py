@@ -116,17 +116,17 @@ def test_every_conv_and_matmul_gets_its_rule(mbv2_float, mbv2_qdq):
     from apq.targets.registry import get_target
 
     # float convs run NHWC by default (CompileOptions.float_layout); lowered int8 convs NCHW when
-    # asked, NHWC by default on VNNI hosts (packed pointwise rule + the NHWC rule for KxK convs)
+    # asked, NHWC by default on VNNI hosts (packed pointwise and packed depthwise rules)
     # (model, options, rules of the convs, patch gathers): the float RGB stem reads the NCHW input
     # directly (kernels/nchw_input_conv.py), the int8 NHWC one is gathered (toolchain/patch_gather.py)
     cases = [(mbv2_float, {}, {"conv2d-nhwc", "nchw-input-conv"}, []),
              (mbv2_qdq, {"int8_layout": "NCHW"}, {"conv2d-nchw"}, [])]
     if "avx512vnni" in get_target("host").features:
-        cases.append((mbv2_qdq, {}, {"int8-pointwise-nhwc", "conv2d-nhwc"}, ["im2col"]))
+        cases.append((mbv2_qdq, {}, {"int8-pointwise-nhwc", "int8-depthwise-nhwc"}, ["im2col"]))
     for path, options, rules, want_gathers in cases:
         mod, _, spec = _relax_module(path, **options)
         chosen = _rule_for_each_func(mod, spec.tvm())
-        convs = {k: v for k, v in chosen.items() if "conv2d" in k}
+        convs = {k: v for k, v in chosen.items() if "conv2d" in k or "depthwise" in k}
         assert len(convs) >= 15, chosen
         assert set(convs.values()) == rules, convs
         assert sum(v == "nchw-input-conv" for v in convs.values()) == ("nchw-input-conv" in rules), convs

@@ -105,15 +105,17 @@ def _op_counts(mod) -> dict[str, int]:
 
 
 @needs_vnni
-def test_int8_graph_goes_nhwc_with_packed_pointwise_convs(mbv2_qdq):
+def test_int8_graph_goes_nhwc_with_packed_pointwise_and_depthwise_convs(mbv2_qdq):
     nchw, nhwc = _op_counts(_lowered(mbv2_qdq, "NCHW")), _op_counts(_lowered(mbv2_qdq, "NHWC"))
-    def packed_calls(counts):
-        return sum(v for k, v in counts.items() if k.startswith("call_tir:conv2d_u8s8_nhwc"))
+    def calls(counts, prefix):
+        return sum(v for k, v in counts.items() if k.startswith(f"call_tir:{prefix}"))
 
-    packed = packed_calls(nhwc)
-    assert nchw.get("relax.permute_dims", 0) == 0 and packed_calls(nchw) == 0
+    packed, depthwise = calls(nhwc, "conv2d_u8s8_nhwc"), calls(nhwc, "depthwise_u8s8_nhwc")
+    assert nchw.get("relax.permute_dims", 0) == 0 and calls(nchw, "conv2d_u8s8_nhwc") == 0
+    assert calls(nchw, "depthwise_u8s8_nhwc") == 0
     assert packed >= 5  # every pointwise conv of the example MobileNetV2 (channels are multiples of 4)
-    assert nhwc["relax.nn.conv2d"] + packed == nchw["relax.nn.conv2d"]
+    assert depthwise >= 3  # and every depthwise conv (kernels/x86_int8_depthwise.py)
+    assert nhwc.get("relax.nn.conv2d", 0) + packed + depthwise == nchw["relax.nn.conv2d"]
     assert nhwc.get("relax.permute_dims", 0) <= 2  # the input and the classifier's flatten only
 
 

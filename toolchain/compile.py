@@ -146,8 +146,11 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # uint8_stems: a signed RGB stem re-biased to u8 is what the NHWC layout's patch gather +
         # vpdpbusd take (int8_layout.im2col_few_channel_convs); bench/mixed_precision.py int8 model
         # at 32 px 2.19x -> 2.53x of onnxruntime (one interleaved A/B), bit-identical.
+        # vnni_depthwise: depthwise convs on vpdpbusd, 4 horizontal taps per lane
+        # (kernels/x86_int8_depthwise.py), in place of float accumulation.
+        nhwc = vnni and options.int8_layout == "NHWC"
         mod = lower_qdq(mod, hints, uint8_pointwise=vnni, float_accumulation=vnni,
-                        uint8_stems=vnni and options.int8_layout == "NHWC", plain_layers=plain)
+                        uint8_stems=nhwc, vnni_depthwise=nhwc, plain_layers=plain)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
             mod = lower_bitserial(mod, target, policy)
     layers = name_bitserial_layers(describe_layers(mod), mod)

@@ -95,6 +95,112 @@ def gathers_patches(w_oihw: Any, groups: int) -> bool:
     return groups == 1 and kh * kw > 1 and ic <= policy.max_channels and policy.out_channels_ok(oc)
 
 
+def packs_depthwise(w_oihw: Any, groups: int) -> bool:
+    """Would :func:`pack_depthwise_convs` run this integer conv (OIHW weight), given a u8 input
+    and int32 accumulation? A KxK depthwise conv (one input channel per group, multiplier 1) over
+    a channel count ``vpdpbusd`` tiles.
+
+    Why qdq_lowering asks (its ``vnni_depthwise``): these convs otherwise accumulate in float32,
+    and the kernel takes u8 inputs only, as the stem gather does.
+    """
+    from apq.kernels.x86_int8_depthwise import lanes_for
+
+    oc, ic, kh, kw = w_oihw.shape
+    return ic == 1 and groups == oc and kh * kw > 1 and lanes_for(oc) is not None
+
+
+def _packable_depthwise(call: Any) -> Any | None:
+    """The HWIO weight constant of an NHWC ``u8 x s8 -> i32`` depthwise conv2d, else None."""
+    from apq.kernels.x86_int8_depthwise import lanes_for
+
+    attrs = call.attrs
+    if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO" or str(attrs.out_dtype) != "int32":
+        return None
+    if [int(d) for d in attrs.dilation] != [1, 1]:
+        return None
+    data, weight = call.args
+    w = const_value(weight)
+    if tensor_dtype(data) != "uint8" or w is None or w.dtype.name != "int8" or w.ndim != 4:
+        return None
+    kh, kw, one, channels = w.shape
+    if one != 1 or int(attrs.groups) != channels or kh * kw == 1 or lanes_for(channels) is None:
+        return None
+    return w
+
+
+def _padded_source(data: Any, var2val: dict[Any, Any]) -> tuple[Any, list[int], int] | None:
+    """``(x, [top, left, bottom, right], value)`` when ``data`` is a constant pad of the NHWC
+    tensor ``x`` over rows and columns only: an NHWC ``pad``, or the NCHW one ConvertLayout leaves
+    between two transposes (``permute_dims(pad(permute_dims(x)))``, qdq_lowering's zero-point pad)."""
+    from tvm import relax
+
+    def call_of(var: Any, op: str) -> Any | None:
+        value = var2val.get(var) if isinstance(var, relax.Var) else None
+        return value if isinstance(value, relax.Call) and str(getattr(value.op, "name", "")) == op else None
+
+    def axes(call: Any) -> list[int]:
+        return [int(a) for a in call.attrs.axes]
+
+    outer = call_of(data, "relax.permute_dims")
+    pad = call_of(outer.args[0], "relax.nn.pad") if outer is not None and axes(outer) == [0, 2, 3, 1] else None
+    if pad is not None:
+        inner = call_of(pad.args[0], "relax.permute_dims")
+        if inner is None or axes(inner) != [0, 3, 1, 2]:
+            return None
+        source, (h_axis, w_axis) = inner.args[0], (2, 3)  # the NCHW pad's rows and columns
+    else:
+        pad = call_of(data, "relax.nn.pad")
+        if pad is None:
+            return None
+        source, (h_axis, w_axis) = pad.args[0], (1, 2)
+    if str(pad.attrs.pad_mode) != "constant":
+        return None
+    width = [int(p) for p in pad.attrs.pad_width]  # (before, after) per axis
+    spatial = {h_axis, w_axis}
+    if any(width[2 * a] or width[2 * a + 1] for a in range(4) if a not in spatial):
+        return None
+    value = float(pad.attrs.pad_value)
+    if value != int(value) or not 0 <= value <= 255:
+        return None
+    return source, [width[2 * h_axis], width[2 * w_axis], width[2 * h_axis + 1], width[2 * w_axis + 1]], int(value)
+
+
+def pack_depthwise_convs(mod: Any) -> tuple[Any, int]:
+    """Rewrite ``u8 x s8 -> i32`` NHWC depthwise convs into ``call_tir``s of
+    :func:`apq.kernels.x86_int8_depthwise.depthwise_packed_compute` (weights packed once here to
+    ``[KH, G, C, 4]``); returns (mod, count).
+
+    A zero-point pad in front of the conv (qdq_lowering pads explicitly when the zero point is
+    not 0) is done by the kernel's own padded copy instead: measured, the separate pad kernel took
+    longer than the 32 px depthwise conv after it (39 us, mostly transposes, against 7 us).
+    """
+    from tvm import relax
+
+    from apq.kernels.x86_int8_depthwise import depthwise_packed_compute, pack_depthwise_weight
+
+    var2val: dict[Any, Any] = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            var2val.update(relax.analysis.get_var2val(func))
+
+    def pack(builder: Any, call: Any) -> Any | None:
+        w = _packable_depthwise(call)
+        if w is None:
+            return None
+        attrs = call.attrs
+        data, pad_value = call.args[0], 0
+        padding = [int(p) for p in attrs.padding]  # Relax order: (top, left, bottom, right)
+        absorbed = _padded_source(data, var2val) if not any(padding) else None
+        if absorbed is not None and tensor_dtype(absorbed[0]) == "uint8":
+            data, padding, pad_value = absorbed
+        packed = relax.const(pack_depthwise_weight(w), "int8")
+        return builder.call_te(depthwise_packed_compute, data, packed, int(w.shape[1]),
+                               [int(s) for s in attrs.strides], padding, pad_value,
+                               primfunc_name_hint="depthwise_u8s8_nhwc")
+
+    return rewrite_calls(mod, "relax.nn.conv2d", pack)
+
+
 def im2col_few_channel_convs(mod: Any) -> tuple[Any, int]:
     """Few-input-channel KxK int8 convs (the RGB stem) -> patch gather + ``u8 x s8`` pointwise
     conv over ``kh * kw * C`` channels rounded up to whole ``vpdpbusd`` groups
@@ -145,9 +251,11 @@ def int8_to_nhwc(mod: Any) -> Any:
     mod = relax.transform.CanonicalizeBindings()(mod)  # the int32 conv's alias, so FuseOps sees its epilogue
     mod = relax.transform.DeadCodeElimination()(mod)
     mod, _ = pack_pointwise_convs(mod)
+    mod, _ = pack_depthwise_convs(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)  # the pads the depthwise kernels took over
     mod, _ = pack_matmuls(mod)
     return mod
 
 
-__all__ = ["INT8_LAYOUTS", "im2col_few_channel_convs", "int8_to_nhwc", "pack_matmuls",
-           "pack_pointwise_convs"]
+__all__ = ["INT8_LAYOUTS", "im2col_few_channel_convs", "int8_to_nhwc", "pack_depthwise_convs", "pack_matmuls",
+           "pack_pointwise_convs", "packs_depthwise"]

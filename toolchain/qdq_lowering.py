@@ -213,6 +213,9 @@ class _Lowering:
     #: to uint8 like ``uint8_pointwise`` does, and keep them on int32 accumulation: the NHWC int8
     #: layout then runs them as a patch gather + u8 x s8 pointwise conv (toolchain/patch_gather.py).
     uint8_stems: bool = False
+    #: the same for depthwise KxK convs the NHWC int8 layout runs on ``vpdpbusd``
+    #: (int8_layout.packs_depthwise, kernels/x86_int8_depthwise.py): u8 input, int32 accumulation.
+    vnni_depthwise: bool = False
     #: weight fingerprints (:func:`apq.toolchain.layers.weight_fingerprint` of the integer weight
     #: as emitted) of layers lowered plainly whatever the two options above say: the layers a
     #: bit-serial plan takes, which need their zero-point-0 integer input and int32 accumulator.
@@ -376,7 +379,7 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     """conv2d(dequantize(x), dequantize(W)) [+ bias] -> integer conv2d + rescale, or None."""
     from tvm import relax
 
-    from apq.toolchain.int8_layout import gathers_patches
+    from apq.toolchain.int8_layout import gathers_patches, packs_depthwise
 
     conv = m.dot
     if str(_attr(conv, "data_layout")) != "NCHW" or str(_attr(conv, "kernel_layout")) != "OIHW":
@@ -404,9 +407,11 @@ def _lower_conv2d(state: _Lowering, m: _Match) -> Any | None:
     data_dtype = str(data.ty.dtype)
     plain = weight_fingerprint(w) in state.plain_layers
     stem = state.uint8_stems and not plain and gathers_patches(w, kwargs["groups"])  # int8_layout's gather
-    float_acc = (state.float_accumulation and not plain and not stem and w.shape[2] * w.shape[3] > 1
+    dw_dot = (state.vnni_depthwise and not plain and kwargs["dilation"] == [1, 1]
+              and packs_depthwise(w, kwargs["groups"]))  # int8_layout's vpdpbusd depthwise kernel
+    float_acc = (state.float_accumulation and not plain and not stem and not dw_dot and w.shape[2] * w.shape[3] > 1
                  and float_accumulation_is_exact(w, data_dtype))
-    if ((state.uint8_pointwise and pointwise) or stem) and not plain and data_dtype == "int8":
+    if ((state.uint8_pointwise and pointwise) or stem or dw_dot) and not plain and data_dtype == "int8":
         data = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16")), "uint8")
         zx += 128
     if zx != 0 and any(padding):
@@ -499,7 +504,7 @@ def _apply_rule(func: Any, rule: _Rule, state: _Lowering) -> Any:
 
 def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str = "main",
               uint8_pointwise: bool = False, float_accumulation: bool = False, uint8_stems: bool = False,
-              plain_layers: frozenset[str] = frozenset()) -> Any:
+              vnni_depthwise: bool = False, plain_layers: frozenset[str] = frozenset()) -> Any:
     """Rewrite fake-quant conv2d/matmul chains of ``mod[func_name]`` into integer kernels.
 
     ``bits_hint`` is :func:`read_bits_hint`'s result (or None: all weights 8-bit). Returns a
@@ -514,7 +519,9 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
     ``conv2d.uint8xint8->float32`` (8-bit operands, float32 accumulator), not ``...->int32``.
     ``uint8_stems`` re-biases int8 inputs of few-channel KxK convs (int8_layout.gathers_patches)
     the same way and keeps them on int32 accumulation, for a layout that gathers them into patches
-    (toolchain/int8_layout.py). ``plain_layers`` (integer weight fingerprints) exempts layers
+    (toolchain/int8_layout.py). ``vnni_depthwise`` does the same for the depthwise convs
+    :func:`apq.toolchain.int8_layout.packs_depthwise` accepts (u8 input, int32 accumulator), which
+    that layout runs on ``vpdpbusd``. ``plain_layers`` (integer weight fingerprints) exempts layers
     from these options: the ones a bit-serial plan
     (:func:`apq.toolchain.bitserial_lowering.plan_bitserial`) takes.
     """
@@ -522,7 +529,7 @@ def lower_qdq(mod: Any, bits_hint: dict[str, int] | None = None, func_name: str 
 
     state = _Lowering(_weight_hints(bits_hint), uint8_pointwise=uint8_pointwise,
                       float_accumulation=float_accumulation, uint8_stems=uint8_stems,
-                      plain_layers=frozenset(plain_layers))
+                      vnni_depthwise=vnni_depthwise, plain_layers=frozenset(plain_layers))
     func = mod[func_name]
     for rule in RULES:
         func = _apply_rule(func, rule, state)
