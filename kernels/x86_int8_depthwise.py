@@ -21,7 +21,7 @@ Taps ``kx >= KW`` (the 4th of a 3-wide row) have weight 0 in the packed weight
 (:func:`pack_depthwise_weight`); the copy is made wide enough for them to read in bounds. Any
 stride works the same way: a window of 4 pixels is contiguous whatever the stride.
 
-The copy is made per channel block and band of rows (:func:`band_rows`), sized to stay in L1.
+The copy is made per band of rows and channel block (:func:`band_rows`), sized to stay in L1.
 From NHWC it moves 16-byte pieces, each from another cache line; measured standalone (1 thread),
 that was 40-60% of a stride-2 conv's time. So where the input has no other reader, its producer
 writes it in channel blocks already (kernels/blocked_handoff.py), and the copy moves whole
@@ -200,10 +200,12 @@ def register_tile(out_h: int, out_w: int, weight_vectors: int) -> tuple[int, int
 
 
 #: Most bytes of one band of the padded copy (one channel block): it is written and then read by
-#: the band's register tiles, so it should stay in L1 (48 KB here). Measured on the int8
-#: MobileNetV2 at 224 px (whole model, interleaved, 1 thread): 32 KB bands 1.07x faster than
-#: whole-image ones (256 KB), 64 KB bands no faster than those.
-BAND_BYTES = 32 * 1024
+#: the band's register tiles, so it should stay in L1, shared with the other hyperthread, the
+#: weights and the output. Measured on the onnxruntime-quantized MobileNetV2 at 224 px, the sum of
+#: its seven depthwise kernels (standalone, interleaved, us at 1 / 2 threads): 32 KB bands 326 /
+#: 186, 16 KB 318 / 177, 8 KB 287 / 160 (a second run 278 / 157), 4 KB 290 / 160, one register
+#: tile of rows 287 / 168; the float-accumulated kernels they replace 465 / 211.
+BAND_BYTES = 8 * 1024
 
 
 def band_rows(out_h: int, row_tile: int, copy_bytes: Callable[[int], int], budget: int = BAND_BYTES) -> int:
@@ -277,7 +279,7 @@ def _schedule_copy(sch: Any, blocked: Any) -> None:
 
 
 def schedule_packed_depthwise(sch: Any, func: Any, conv: Any, blocked: Any, cfg: Any) -> bool:
-    """Per channel block (the parallel loop) and band of rows: the band's padded copy, then
+    """Per band of rows and channel block (together the parallel loop): the padded copy, then
     register tiles of (rows x columns) output vectors, each tap group one tensorized vpdpbusd
     per vector, the epilogue written per tile."""
     from apq.kernels.cpu_schedules import (Conv2dNCHWRule, _block_iterations, _finish_tiled_reduction,
@@ -293,18 +295,21 @@ def schedule_packed_depthwise(sch: Any, func: Any, conv: Any, blocked: Any, cfg:
     y_t, x_t = register_tile(out_h, out_w, kh * groups)
     copy_shape = [int(d) for d in sch.get(blocked).writes[0].source.shape]  # (N, C/L, rows, cols, L)
     stride_h, cols = _row_stride(copy_shape[2], out_h, kh), copy_shape[3]
-    band = band_rows(out_h, y_t, lambda rows: (stride_h * (rows - 1) + kh) * cols * lanes)
+    band = band_rows(out_h, y_t, lambda rows: (stride_h * (rows - 1) + kh) * cols * lanes, BAND_BYTES)
     copy_name = sch.get(blocked).name_hint
     acc = Conv2dNCHWRule._accumulator(sch, func, conv)
     n, y, x, c, ky, g, k = sch.get_loops(acc)
     cb, ci = sch.split(c, [None, lanes])
     yb, yo, yi = sch.split(y, [None, band // y_t, y_t])
     xo, xi = sch.split(x, [None, x_t])
-    sch.reorder(n, cb, yb, yo, xo, ky, g, yi, xi, ci, k)
-    outer = sch.fuse(n, cb)
+    # bands outside channel blocks: a thread's outputs are whole rows. Channel blocks outermost put
+    # the threads' 16-byte pieces of one pixel in one cache line (false sharing: at 2 threads a
+    # 112 px stride-2 conv took 94 us against 52 us on the float schedule)
+    sch.reorder(n, yb, cb, yo, xo, ky, g, yi, xi, ci, k)
+    outer = sch.fuse(n, yb, cb)
     if worth_parallel(cfg, _block_iterations(sch, acc), "int8_dot_mac") and _int_extent(sch, outer) > 1:
         sch.parallel(outer)
-    sch.compute_at(blocked, yb, preserve_unit_loops=True)
+    sch.compute_at(blocked, outer, preserve_unit_loops=True)
     _schedule_copy(sch, blocked)
     tile = sch.fuse(yo, xo)
     _finish_tiled_reduction(sch, func, cfg, acc, ky, tile, lanes, done=[copy_name])
