@@ -25,15 +25,6 @@ from typing import Any
 BLOCKED_SUFFIX = "_blocked"
 
 
-def _block_names(func: Any) -> set[str]:
-    import tvm_ffi
-    from tvm import s_tir
-
-    names: set[str] = set()
-    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, lambda b: names.add(str(b.name_hint)))])
-    return names
-
-
 def depthwise_lanes(func: Any) -> int | None:
     """The channel block width of a packed depthwise PrimFunc (its copy's last axis), else None."""
     import tvm_ffi
@@ -41,16 +32,16 @@ def depthwise_lanes(func: Any) -> int | None:
 
     from apq.kernels.x86_int8_depthwise import DEPTHWISE_BLOCK, PADDED_BLOCK
 
-    if not {DEPTHWISE_BLOCK, PADDED_BLOCK} <= _block_names(func):
-        return None
-    found: list[int] = []
+    blocks: dict[str, Any] = {}
 
-    def on_block(block: Any) -> None:
-        if str(block.name_hint) == PADDED_BLOCK and len(block.writes) == 1:
-            found.append(int(block.writes[0].source.shape[-1]))
+    def on_block(block: Any) -> None:  # the walker takes None (or a WalkResult) back
+        blocks.setdefault(str(block.name_hint), block)
 
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
-    return found[0] if found else None
+    copy = blocks.get(PADDED_BLOCK)
+    if DEPTHWISE_BLOCK not in blocks or copy is None or len(copy.writes) != 1:
+        return None
+    return int(copy.writes[0].source.shape[-1])
 
 
 def _static_shape(ty: Any) -> list[int] | None:
@@ -89,17 +80,10 @@ def find_handoffs(mod: Any, func_name: str = "main") -> list[tuple[Any, Any, int
     func = mod[func_name]
     if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
         return []
+    from apq.kernels.fuse_dw_pw import bindings_and_uses
+
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    uses: dict[Any, int] = {}
-
-    def count(expr: Any) -> None:
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    for binding in bindings:
-        relax.analysis.post_order_visit(binding.value, count)
-    relax.analysis.post_order_visit(func.body.body, count)
+    bindings, uses = bindings_and_uses(func)
     producers = {b.var: b for b in bindings
                  if isinstance(b.value, relax.Call) and b.value.op.same_as(call_tir)}
     found = []
@@ -140,23 +124,23 @@ def hand_over_blocked(mod: Any, func_name: str = "main") -> tuple[Any, int]:
 
     @relax.expr_functor.mutator
     class _Handoff(relax.PyExprMutator):
+        def _retargeted(self, value: Any, func: Any, ty_args: Any) -> Any:
+            """``value``'s call_tir, calling ``func`` (added as ``<callee>_blocked``) instead."""
+            gvar = self.builder_.add_func(func, value.args[0].name_hint + BLOCKED_SUFFIX)
+            args = [self.visit_expr(a) for a in value.args[1].fields]
+            return relax.Call(call_tir, [gvar, relax.Tuple(args)], ty_args=ty_args)
+
         def visit_var_binding_(self, binding: Any) -> None:
-            value = binding.value
-            if binding.var in plans:
+            if binding.var in plans:  # a new variable: its type is the 5-D one
                 new_prod, _, ty = plans[binding.var]
-                gvar = self.builder_.add_func(new_prod, value.args[0].name_hint + BLOCKED_SUFFIX)
-                args = [self.visit_expr(a) for a in value.args[1].fields]
-                call = relax.Call(call_tir, [gvar, relax.Tuple(args)], ty_args=[ty])
+                call = self._retargeted(binding.value, new_prod, [ty])
                 self.set_var_remap(binding.var, self.builder_.emit(call, binding.var.name))
-                return
-            if binding.var in consumers:
-                _, new_cons, _ = plans[consumers[binding.var]]
-                gvar = self.builder_.add_func(new_cons, value.args[0].name_hint + BLOCKED_SUFFIX)
-                args = [self.visit_expr(a) for a in value.args[1].fields]
-                call = relax.Call(call_tir, [gvar, relax.Tuple(args)], ty_args=value.ty_args)
+            elif binding.var in consumers:
+                new_cons = plans[consumers[binding.var]][1]
+                call = self._retargeted(binding.value, new_cons, binding.value.ty_args)
                 self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
-                return
-            super().visit_var_binding_(binding)
+            else:
+                super().visit_var_binding_(binding)
 
     mutator = _Handoff(mod)
     mutator.builder_.update_func(mod.get_global_var(func_name), mutator.visit_expr(mod[func_name]))

@@ -248,6 +248,12 @@ def _blocks(sch: Any) -> list[Any]:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
+def single_block(sch: Any, name: str) -> Any | None:
+    """The one root-level block called ``name`` (a TE compute apq's rules recognise), else None."""
+    found = [b for b in _blocks(sch) if sch.get(b).name_hint == name]
+    return found[0] if len(found) == 1 else None
+
+
 def _has_if_then_else(sch: Any, block: Any) -> bool:
     # TVM 0.27's Python API has no TIR visitor; the printed block is a faithful stand-in
     return "if_then_else" in sch.get(block).body.script()

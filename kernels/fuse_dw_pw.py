@@ -122,6 +122,24 @@ def _bytes(ty: Any) -> int:
 PairTest = Callable[[Any, Any, tuple[str, ...], tuple[str, ...]], bool]
 
 
+def bindings_and_uses(func: Any) -> tuple[list[Any], dict[Any, int]]:
+    """A Relax function's bindings in order, and how often each variable is used (by bindings and
+    by the function's result)."""
+    from tvm import relax
+
+    uses: dict[Any, int] = {}
+
+    def count(expr: Any) -> None:
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    for binding in bindings:
+        relax.analysis.post_order_visit(binding.value, count)
+    relax.analysis.post_order_visit(func.body.body, count)
+    return bindings, uses
+
+
 def find_pairs(mod: Any, accept: PairTest, func_name: str = "main") -> dict[Any, Any]:
     """``{consumer binding var: producer binding}`` for consecutive ``call_tir`` bindings
     ``a = call_tir(f, ...)``, ``b = call_tir(g, (a, ...))`` where ``a`` has no other use and
@@ -133,16 +151,7 @@ def find_pairs(mod: Any, accept: PairTest, func_name: str = "main") -> dict[Any,
     if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
         return {}
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    uses: dict[Any, int] = {}
-
-    def count(expr: Any) -> None:
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    for binding in bindings:
-        relax.analysis.post_order_visit(binding.value, count)
-    relax.analysis.post_order_visit(func.body.body, count)
+    bindings, uses = bindings_and_uses(func)
     chains: dict[str, tuple[str, ...]] = {}
 
     def chain_of(binding: Any) -> tuple[str, ...] | None:

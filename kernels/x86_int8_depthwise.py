@@ -51,6 +51,9 @@ _VPDPBUSD = {
 #: Most int32 accumulator vectors per register tile (of 32 zmm: the rest hold the packed
 #: weights of one channel block and the permuted inputs).
 MAX_ACCUMULATORS = 16
+#: zmm registers for accumulators and packed weights together (4 of 32 stay for the permuted
+#: inputs and temporaries).
+TILE_REGISTERS = 28
 #: Most output rows per register tile: an input window permuted once serves up to ``kh`` rows.
 MAX_ROW_TILE = 4
 
@@ -170,21 +173,12 @@ def register_intrinsic(lanes: int) -> str:
     return name
 
 
-def _named_block(sch: Any, name: str) -> Any | None:
-    from apq.kernels.cpu_schedules import _blocks
-
-    found = [b for b in _blocks(sch) if sch.get(b).name_hint == name]
-    return found[0] if len(found) == 1 else None
-
-
 def find_packed_depthwise(sch: Any) -> tuple[Any, Any] | None:
     """(conv, padded copy) blocks of a (fused) PrimFunc holding the packed depthwise conv."""
-    conv, blocked = _named_block(sch, DEPTHWISE_BLOCK), _named_block(sch, PADDED_BLOCK)
+    from apq.kernels.cpu_schedules import single_block
+
+    conv, blocked = single_block(sch, DEPTHWISE_BLOCK), single_block(sch, PADDED_BLOCK)
     return (conv, blocked) if conv is not None and blocked is not None else None
-
-
-def _largest_divisor(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
 
 
 def register_tile(out_h: int, out_w: int, weight_vectors: int) -> tuple[int, int]:
@@ -194,8 +188,10 @@ def register_tile(out_h: int, out_w: int, weight_vectors: int) -> tuple[int, int
     output row of the tile whose taps reach ``y``; columns share nothing and fill what is left of
     :data:`MAX_ACCUMULATORS` after the weights.
     """
+    from apq.kernels.cpu_schedules import _largest_divisor
+
     rows = _largest_divisor(out_h, MAX_ROW_TILE)
-    budget = max(1, min(MAX_ACCUMULATORS, 28 - weight_vectors) // rows)
+    budget = max(1, min(MAX_ACCUMULATORS, TILE_REGISTERS - weight_vectors) // rows)
     return rows, _largest_divisor(out_w, budget)
 
 

@@ -117,10 +117,9 @@ def register_intrinsic(lanes: int) -> str:
 
 def find_packed_pointwise(sch: Any) -> Any | None:
     """The packed pointwise conv block of a (fused) PrimFunc, if it has one."""
-    from apq.kernels.cpu_schedules import _blocks
+    from apq.kernels.cpu_schedules import single_block
 
-    found = [b for b in _blocks(sch) if sch.get(b).name_hint == PACKED_POINTWISE_BLOCK]
-    return found[0] if len(found) == 1 else None
+    return single_block(sch, PACKED_POINTWISE_BLOCK)
 
 
 def schedule_packed_pointwise(sch: Any, func: Any, conv: Any, cfg: Any) -> bool:

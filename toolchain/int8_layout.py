@@ -110,9 +110,8 @@ def packs_depthwise(w_oihw: Any, groups: int) -> bool:
 
 
 def _packable_depthwise(call: Any) -> Any | None:
-    """The HWIO weight constant of an NHWC ``u8 x s8 -> i32`` depthwise conv2d, else None."""
-    from apq.kernels.x86_int8_depthwise import lanes_for
-
+    """The HWIO weight constant of an NHWC ``u8 x s8 -> i32`` depthwise conv2d that
+    :func:`packs_depthwise` accepts, else None."""
     attrs = call.attrs
     if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO" or str(attrs.out_dtype) != "int32":
         return None
@@ -122,10 +121,7 @@ def _packable_depthwise(call: Any) -> Any | None:
     w = const_value(weight)
     if tensor_dtype(data) != "uint8" or w is None or w.dtype.name != "int8" or w.ndim != 4:
         return None
-    kh, kw, one, channels = w.shape
-    if one != 1 or int(attrs.groups) != channels or kh * kw == 1 or lanes_for(channels) is None:
-        return None
-    return w
+    return w if packs_depthwise(w.transpose(3, 2, 0, 1), int(attrs.groups)) else None  # HWIO -> OIHW
 
 
 def _padded_source(data: Any, var2val: dict[Any, Any]) -> tuple[Any, list[int], int] | None:
