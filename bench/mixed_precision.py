@@ -17,7 +17,9 @@ model also gets ``policy``, ``pointwise_bits``, ``speedup_vs_ort_int8`` (ort on 
 apq on the mixed file: the question "is apq's mixed model faster than what onnxruntime runs for an
 int8 model?") and ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled:
 what the bit-serial kernels themselves buy; ``int8_path_vs_bitserial`` is the per-round ratio
-mixed / int8 path); the first policy also ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the
+mixed / int8 path), ``apq_measured_ms`` / ``measured_speedup_vs_ort_int8`` /
+``measured_bitserial_layers`` (``--bitserial measured``: per pointwise layer the faster of its
+bit-serial and int8 kernels, timed on this machine, kernels/kernel_choice.py); the first policy also ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the
 bit-serial build without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
 toolchain/layout.py) and ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
 requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes``
@@ -144,12 +146,24 @@ def kernel_groups(art, threads: int, cfg) -> dict[str, float]:
 
 #: The mixed file's apq builds besides the default bit-serial one: record key -> policy arguments
 #: (None: bit-serial lowering off, the layers on the int8 kernels).
-MIXED_VARIANTS: dict[str, dict[str, bool] | None] = {
+MIXED_VARIANTS: dict[str, dict[str, Any] | None] = {
     "apq_int8_path_ms": None,  # what the bit-serial kernels themselves buy
+    # per pointwise layer the faster of its bit-serial and int8 kernels, timed on this machine
+    # (apq compile --bitserial measured, kernels/kernel_choice.py)
+    "apq_measured_ms": {"select": "measured"},
     "apq_transposing_ms": {"nhwc_runs": False},  # transposes around every bit-serial kernel
     "apq_nchw_depthwise_ms": {"nhwc_depthwise": False},  # NHWC runs, int8 depthwise convs NCHW
     "apq_opaque_epilogues_ms": {"fuse_epilogues": False},  # requantize epilogues as kernels of their own
 }
+#: the variants built for every policy (the others for the first policy only)
+PER_POLICY_VARIANTS = ("apq_int8_path_ms", "apq_measured_ms")
+
+
+def _variant_options(v: dict[str, Any] | None):
+    from apq.toolchain.bitserial_lowering import BitserialPolicy
+    from apq.toolchain.compile import CompileOptions
+
+    return CompileOptions(bitserial=BitserialPolicy.disabled() if v is None else BitserialPolicy(**v))
 PRECISIONS = ("float", "int8", "mixed")
 
 
@@ -172,10 +186,9 @@ def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False
     paths = {p: export(p, resolution, work) for p in PRECISIONS if p != "mixed"}
     paths.update({f"mixed:{pol}": export("mixed", resolution, work, pol) for pol in policies})
     jobs = [(p, paths[p], bitserial if p.startswith("mixed") else None) for p in paths]
-    jobs += [(f"{key}:{pol}", paths[f"mixed:{pol}"], CompileOptions(bitserial=BitserialPolicy.disabled()))
-             for pol in policies for key, v in MIXED_VARIANTS.items() if v is None]
-    jobs += [(f"{key}:{policies[0]}", paths[f"mixed:{policies[0]}"], CompileOptions(bitserial=BitserialPolicy(**v)))
-             for key, v in MIXED_VARIANTS.items() if v is not None]
+    jobs += [(f"{key}:{pol}", paths[f"mixed:{pol}"], _variant_options(v))
+             for key, v in MIXED_VARIANTS.items()
+             for pol in (policies if key in PER_POLICY_VARIANTS else policies[:1])]
     builds: dict[str, tuple[Any, float]] = {}
     for key, path, opts in tqdm(jobs, desc="mixed-precision bench: compile", leave=False):
         builds[key] = build_apq(path, work / f"{key.replace(':', '_')}.apq", opts)
@@ -207,10 +220,17 @@ def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False
             rec["speedup_vs_ort_int8"] = round(round_ratio(ms, "ort:int8", f"apq:{p}"), 3)
             rec.update({key: med(f"apq:{key}:{policy}") for key in MIXED_VARIANTS if f"apq:{key}:{policy}" in ms})
             rec["int8_path_vs_bitserial"] = round(round_ratio(ms, f"apq:{p}", f"apq:apq_int8_path_ms:{policy}"), 3)
+            measured = f"apq:apq_measured_ms:{policy}"
+            rec["measured_speedup_vs_ort_int8"] = round(round_ratio(ms, "ort:int8", measured), 3)
+            rec["measured_bitserial_layers"] = sum(
+                1 for lay in builds[f"apq_measured_ms:{policy}"][0].manifest["layers"]
+                if lay["kernel"].startswith("bitserial"))
             if transposes:
                 rec["kernel_groups"] = kernel_groups(art, threads, cfg)
         records.append(rec)
-        extra = f", vs onnxruntime int8 {rec['speedup_vs_ort_int8']:.2f}" if policy else ""
+        extra = (f", vs onnxruntime int8 {rec['speedup_vs_ort_int8']:.2f} (measured kernel choice: "
+                 f"{rec['measured_speedup_vs_ort_int8']:.2f}, {rec['measured_bitserial_layers']} bit-serial layers)"
+                 if policy else "")
         print(f"# {p}: apq {rec['apq_ms']:.3f} ms, ort {rec['ort_ms']:.3f} ms, speedup {rec['speedup']:.2f}{extra} "
               f"({rounds} interleaved rounds, {rec['clock']} clock)", file=sys.stderr)
     return records

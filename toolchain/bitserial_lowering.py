@@ -81,8 +81,12 @@ WEIGHT_MODE_ORDER = ("signed", "bipolar", "unipolar")
 #: PrimFunc attributes describe_layers reads (apq.toolchain.layers).
 WEIGHT_BITS_FUNC_ATTR = "apq.weight_bits"
 ACT_BITS_FUNC_ATTR = "apq.activation_bits"
+#: BitserialPolicy.select values: admit by bits only, or by bits and a measured speed comparison.
+SELECT_MODES = ("bits", "measured")
 #: Module attribute holding lower_bitserial's decisions (JSON list of LayerDecision).
 DECISIONS_ATTR = "apq_bitserial"
+#: Module attribute: the measured kernel choices of a "measured" policy (JSON object, kernel_choice_report).
+KERNEL_CHOICE_ATTR = "apq_kernel_choice"
 #: Module attribute: geometry of the convs the NHWC pass relaid out, in program order (JSON list).
 NHWC_CONVS_ATTR = "apq_nhwc_convs"
 
@@ -127,6 +131,10 @@ class BitserialPolicy:
     and fusable (``op_pattern`` 4), so FuseOps folds their requantize epilogue into them and
     :func:`apq.kernels.bitserial.schedule_fused_pointwise` schedules the result; off (or other
     targets), they are opaque, pre-scheduled kernels with the epilogue as a kernel of its own.
+    ``select``: ``"bits"`` moves every layer the rules admit; ``"measured"`` also times each
+    admitted pointwise layer's bit-serial kernel against the target's int8 kernel on this machine
+    and keeps it bit-serial only where that is faster (:mod:`apq.kernels.kernel_choice`; host
+    target only). Other op kinds follow the rules either way.
     """
 
     enabled: bool = True
@@ -136,6 +144,11 @@ class BitserialPolicy:
     nhwc_runs: bool = True
     nhwc_depthwise: bool = True
     fuse_epilogues: bool = True
+    select: str = "bits"
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT_MODES:
+            raise InvalidInputError(f"unknown bit-serial select {self.select!r}; valid: {', '.join(SELECT_MODES)}")
 
     def rule(self, op: str) -> OpRule | None:
         return next((r for r in self.rules if r.op == op), None)
@@ -196,6 +209,7 @@ class LayerDecision:
     a_offset: int = 0  # added to signed inputs to make them unsigned (0 = already unsigned)
     layer: str = ""  # ONNX weight initializer name, when lower_qdq recorded it
     geometry: dict[str, Any] | None = None  # describe_layers' geometry of the original layer
+    measured: dict[str, Any] | None = None  # kernel_choice timing (BitserialPolicy.select "measured")
 
     @property
     def kernel_family(self) -> str:
@@ -375,22 +389,34 @@ def decide(call: Any, index: int, n_layers: int, producers: _Producers, declared
     return d
 
 
-def _plan(mod: Any, policy: BitserialPolicy | None, func_name: str) -> list[tuple[Any, LayerDecision]]:
+def _plan(mod: Any, policy: BitserialPolicy | None, func_name: str,
+          chooser: Any = None) -> list[tuple[Any, LayerDecision]]:
     policy = policy or BitserialPolicy()
+    if policy.select == "measured" and policy.enabled and chooser is None:
+        raise InvalidInputError("a measured bit-serial policy needs a kernel chooser (bitserial_lowering.make_chooser)")
     func = mod[func_name]
     producers = _Producers(func)
     calls = [v for v in producers.values() if _is_integer_layer(v)]
     declared = {k: int(v) for k, v in _module_attr(mod, WEIGHT_BITS_ATTR).items()}
     names = {k: str(v) for k, v in _module_attr(mod, WEIGHT_NAMES_ATTR).items()}
-    return [(c, decide(c, i, len(calls), producers, declared, policy, names)) for i, c in enumerate(calls)]
+    plan = [(c, decide(c, i, len(calls), producers, declared, policy, names)) for i, c in enumerate(calls)]
+    if policy.select == "measured":
+        for c, d in plan:
+            if d.bitserial:
+                _measured_choice(c, d, chooser)
+    return plan
 
 
-def plan_bitserial(mod: Any, policy: BitserialPolicy | None = None, func_name: str = "main") -> list[LayerDecision]:
-    """Decisions for every integer conv2d / matmul of ``mod[func_name]``, in program order."""
-    return [d for _, d in _plan(mod, policy, func_name)]
+def plan_bitserial(mod: Any, policy: BitserialPolicy | None = None, func_name: str = "main",
+                   chooser: Any = None) -> list[LayerDecision]:
+    """Decisions for every integer conv2d / matmul of ``mod[func_name]``, in program order.
+    ``chooser``: a :class:`apq.kernels.kernel_choice.KernelChooser`, required when the policy's
+    ``select`` is ``"measured"`` (:func:`make_chooser`)."""
+    return [d for _, d in _plan(mod, policy, func_name, chooser)]
 
 
-def bitserial_weights(mod: Any, policy: BitserialPolicy | None = None, func_name: str = "main") -> frozenset[str]:
+def bitserial_weights(mod: Any, policy: BitserialPolicy | None = None, func_name: str = "main",
+                      chooser: Any = None) -> frozenset[str]:
     """Fingerprints of the integer weights of the layers the plan moves to bit-serial kernels.
 
     Why: on VNNI CPUs lower_qdq re-biases pointwise inputs to uint8 and accumulates KxK convs in
@@ -398,8 +424,37 @@ def bitserial_weights(mod: Any, policy: BitserialPolicy | None = None, func_name
     :func:`lower_bitserial`. Planned on a plain lowering, passed back to lower_qdq as
     ``plain_layers``, the rest of the network keeps the VNNI forms (bit-serial and VNNI int8
     kernels in one network)."""
-    return frozenset(weight_fingerprint(const_value(c.args[1])) for c, d in _plan(mod, policy, func_name)
+    return frozenset(weight_fingerprint(const_value(c.args[1])) for c, d in _plan(mod, policy, func_name, chooser)
                      if d.bitserial)
+
+
+def make_chooser(target_spec: Any, policy: BitserialPolicy, nhwc_int8: bool = True) -> Any:
+    """The kernel chooser a ``"measured"`` policy needs (None for ``"bits"``); one per compile, so
+    the plain-lowering plan and :func:`lower_bitserial` see the same timings. ``nhwc_int8``: the
+    int8 layers of this build run in NHWC (CompileOptions.int8_layout)."""
+    if policy.select != "measured" or not policy.enabled:
+        return None
+    from apq.kernels.kernel_choice import KernelChooser
+
+    return KernelChooser(target_spec, nhwc_int8)
+
+
+def _measured_choice(call: Any, d: LayerDecision, chooser: Any) -> None:
+    """Time an admitted pointwise layer's two kernels; move it back to int8 when that is faster."""
+    from apq.kernels.kernel_choice import PointwiseLayer
+
+    if d.op != "pointwise":
+        d.reason = "policy (select=measured times pointwise layers only)"
+        return
+    _, c, h, w = static_shape(call.args[0])
+    timing = chooser.pointwise(PointwiseLayer(h, w, c, int(const_value(call.args[1]).shape[0]),
+                                              int(call.attrs.strides[0]), d.a_bits, d.w_bits, d.weight_mode))
+    d.measured = timing.to_json()
+    d.reason = timing.summary()
+    chooser.log[d.layer or f"#{d.index}"] = {"index": d.index, "layer": d.layer, "a_bits": d.a_bits,
+                                             "w_bits": d.w_bits, **d.measured}
+    if timing.kernel != "bitserial":
+        d.bitserial, d.weight_mode, d.a_offset = False, "", 0
 
 
 def _module_attr(mod: Any, key: str) -> dict[str, Any]:
@@ -514,19 +569,21 @@ EMITTERS: dict[str, Callable[[Any, Any, Any, LayerDecision, Any, BitserialPolicy
 
 
 def lower_bitserial(mod: Any, target_spec: Any, policy: BitserialPolicy | None = None,
-                    func_name: str = "main") -> Any:
+                    func_name: str = "main", chooser: Any = None) -> Any:
     """Replace the policy-selected integer conv2d / matmul calls of ``mod[func_name]`` by bit-serial kernels.
 
     ``mod`` is lower_qdq's output; ``target_spec`` an :class:`apq.targets.registry.TargetSpec`
     (its arch picks the kernels from :mod:`apq.kernels.registry`, its TVM target the vector
     width). Returns a new module; the epilogues are untouched, so outputs are bit-identical.
     The decisions are stored as the module attribute :data:`DECISIONS_ATTR` (JSON), see
-    :func:`read_decisions` and :func:`name_bitserial_layers`.
+    :func:`read_decisions` and :func:`name_bitserial_layers`. ``chooser``: the compile's
+    :func:`make_chooser` (a ``"measured"`` policy without one makes its own).
     """
     from tvm import relax
 
     policy = policy or BitserialPolicy()
-    decisions = plan_bitserial(mod, policy, func_name)
+    chooser = chooser or make_chooser(target_spec, policy)
+    decisions = plan_bitserial(mod, policy, func_name, chooser)
     chosen = [d for d in decisions if d.bitserial]
     if not chosen:
         return mod.with_attr(DECISIONS_ATTR, json.dumps([d.to_json() for d in decisions]))
@@ -574,6 +631,23 @@ def read_decisions(mod: Any) -> list[LayerDecision]:
     """The decisions lower_bitserial stored on ``mod`` (empty if the pass did not run)."""
     raw = mod.get_attr(DECISIONS_ATTR) if mod.attrs is not None else None
     return [LayerDecision(**d) for d in json.loads(str(raw))] if raw is not None else []
+
+
+def kernel_choice_report(mod: Any) -> list[dict[str, Any]]:
+    """The measured kernel choices (BitserialPolicy.select "measured") stored on ``mod`` by
+    :func:`attach_kernel_choices`: per pointwise layer its bits, both kernels' times and the kernel
+    chosen, for the artifact's manifest; [] when none were measured."""
+    if mod.attrs is None or KERNEL_CHOICE_ATTR not in mod.attrs:
+        return []
+    return list(json.loads(str(mod.attrs[KERNEL_CHOICE_ATTR]))["layers"])
+
+
+def attach_kernel_choices(mod: Any, chooser: Any) -> Any:
+    """``mod`` with the chooser's per-layer timings as :data:`KERNEL_CHOICE_ATTR` (a no-op without)."""
+    if chooser is None or not chooser.log:
+        return mod
+    layers = sorted(chooser.log.values(), key=lambda e: e["index"])
+    return mod.with_attr(KERNEL_CHOICE_ATTR, json.dumps({"layers": layers}))
 
 
 def name_bitserial_layers(records: list[LayerRecord], mod: Any) -> list[LayerRecord]:

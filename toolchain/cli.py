@@ -64,8 +64,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-lower-qdq", action="store_true",
                    help="keep TVM's fake-quant float execution of QDQ models (for comparison)")
-    p.add_argument("--bitserial", choices=["auto", "on", "off"], default="auto",
-                   help="run <=4-bit layers on bit-serial kernels (auto: on for bitfusion, off on CPUs)")
+    p.add_argument("--bitserial", choices=["auto", "on", "off", "measured"], default="auto",
+                   help="run <=4-bit layers on bit-serial kernels (auto: on for bitfusion, off on CPUs; "
+                        "measured: per pointwise layer the faster of its bit-serial and int8 kernels, both "
+                        "timed here: host target only, timings cached per target under "
+                        "$APQ_CACHE_DIR/kernel_choice)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="MetaSchedule-tune the kernels with N trials (cached per target under "
                         "$APQ_CACHE_DIR/tuning; a recompile reuses the records); 0: apq's schedules only. "
@@ -95,7 +98,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     from apq.toolchain.bitserial_lowering import BitserialPolicy
 
-    policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled()}[args.bitserial]
+    policy = {"auto": None, "on": BitserialPolicy(), "off": BitserialPolicy.disabled(),
+              "measured": BitserialPolicy(select="measured")}[args.bitserial]
     options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy,
                              tune_trials=args.tune_trials, knob_tune=args.knob_tune, float_layout=args.float_layout,
                              int8_layout=args.int8_layout, fuse_blocks=not args.no_fuse_blocks)
@@ -106,6 +110,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         report["tuning"] = res.manifest["compile"]["tuning"]
     if "knob_tuning" in res.manifest["compile"]:
         report["knob_tuning"] = {k: v for k, v in res.manifest["compile"]["knob_tuning"].items() if k != "choices"}
+    if "kernel_choice" in res.manifest["compile"]:
+        report["kernel_choice"] = res.manifest["compile"]["kernel_choice"]
     rc = 0
     if args.verify:
         art = open_artifact(res.artifact_path, expect_target=args.target)
@@ -122,6 +128,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             k = report["knob_tuning"]
             print(f"knob-tune: {k['kernels']} kernels, {k['timed']} timed, {k['cached']} cached, {k['changed']} "
                   f"changed, {k['seconds']:.1f} s ({k['cache_file']})")
+        if "kernel_choice" in report:
+            _print_kernel_choice(report["kernel_choice"])
         if args.verify:
             v = report["verify"]
             status = "PASS" if v["passed"] else "FAIL"
@@ -130,6 +138,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
                       f"(tolerance {o['tolerance']:.3g}: {o['tolerance_rule']})")
             print(f"verify: {status}")
     return rc
+
+
+def _print_kernel_choice(choices: list[dict]) -> None:
+    """One line per measured pointwise layer and a count (apq compile --bitserial measured)."""
+    fmt = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f} us"  # noqa: E731
+    for c in choices:
+        print(f"  kernel choice: {c['layer'] or '#' + str(c['index'])} a{c['a_bits']}w{c['w_bits']}: bit-serial "
+              f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} (measured)")
+    n_bs = sum(c["kernel"] == "bitserial" for c in choices)
+    print(f"kernel choice: {n_bs} of {len(choices)} low-bit pointwise layers run bit-serial, the rest int8")
 
 
 def _print_layers(layers: list[dict]) -> None:

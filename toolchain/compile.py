@@ -22,8 +22,9 @@ from typing import Any
 
 from apq.targets.registry import TargetSpec, get_target
 from apq.toolchain.artifact import LIBRARY, write_artifact
-from apq.toolchain.bitserial_lowering import (BitserialPolicy, bitserial_weights, lower_bitserial, name_bitserial_layers,
-                                              supports_target)
+from apq.toolchain.bitserial_lowering import (BitserialPolicy, attach_kernel_choices, bitserial_weights,
+                                              kernel_choice_report, lower_bitserial, make_chooser,
+                                              name_bitserial_layers, supports_target)
 from apq.kernels.pipeline import supports as cpu_pipeline_supports
 from apq.toolchain.errors import ApqError, InvalidInputError
 from apq.toolchain.float_layout import FLOAT_LAYOUTS, float_model_to_nhwc, has_integer_conv
@@ -47,9 +48,9 @@ class CompileOptions:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     lower_qdq: bool = True  # lower QDQ chains to integer kernels (False: keep TVM's fake-quant float)
     # which <= 4-bit integer layers run bit-serial (toolchain/bitserial_lowering.py); None = the
-    # target's default: on for the bit-serial accelerator (`bitfusion`), off on CPUs, where the
-    # NCHW<->NHWC transposes around each bit-serial layer currently cost more than they save
-    # (bench/mixed_precision.py: 0.673 ms with vs 0.607 ms without at 32 px).
+    # target's default: on for the bit-serial accelerator (`bitfusion`), off on CPUs, where apq's int8
+    # kernels are faster at the bits that keep accuracy (W2A2 on VNNI: 0.55-0.77x, bench/kernels.py,
+    # kernels/kernel_choice.py). BitserialPolicy(select="measured") decides per layer by timing both.
     bitserial: BitserialPolicy | None = None
     # MetaSchedule trials for the final artifact (kernels/tuning.py); 0 = apq's schedules only.
     # Records are cached per target, so recompiling the same model runs no new trials.
@@ -137,7 +138,11 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # layers the bit-serial plan takes (planned on a plain lowering): they need their
         # zero-point-0 activations and int32 accumulators.
         vnni = "avx512vnni" in target.features
-        plain = bitserial_weights(lower_qdq(mod, hints), policy) if bitserial else frozenset()
+        nhwc = vnni and options.int8_layout == "NHWC"
+        # --bitserial measured: each admitted pointwise layer's bit-serial and int8 kernels timed
+        # here (kernels/kernel_choice.py, cached per target); one chooser for both plans below
+        chooser = make_chooser(target, policy, nhwc) if bitserial else None
+        plain = bitserial_weights(lower_qdq(mod, hints), policy, chooser=chooser) if bitserial else frozenset()
         # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
         # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
         # whole model 0.71x -> 0.83x of onnxruntime. 1x1 convs stay int32 for VNNI.
@@ -148,11 +153,10 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # at 32 px 2.19x -> 2.53x of onnxruntime (one interleaved A/B), bit-identical.
         # vnni_depthwise: depthwise convs on vpdpbusd, 4 horizontal taps per lane
         # (kernels/x86_int8_depthwise.py), in place of float accumulation.
-        nhwc = vnni and options.int8_layout == "NHWC"
         mod = lower_qdq(mod, hints, uint8_pointwise=vnni, float_accumulation=vnni,
                         uint8_stems=nhwc, vnni_depthwise=nhwc, plain_layers=plain)
         if bitserial:  # <= 4-bit layers -> bit-serial kernels
-            mod = lower_bitserial(mod, target, policy)
+            mod = attach_kernel_choices(lower_bitserial(mod, target, policy, chooser=chooser), chooser)
     layers = name_bitserial_layers(describe_layers(mod), mod)
     mod = relax.transform.DecomposeOpsForInference()(mod)
     if has_integer_conv(mod):
@@ -316,6 +320,7 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
     mod = import_to_relax(model, inputs)
     steps.update(1)
     mod, layers = lower_module(mod, model, spec, options)
+    choice = kernel_choice_report(mod)
     outputs = _output_specs(mod, output_names(model))
     steps.update(1)
     sched_cfg = schedule_config(spec, options)
@@ -338,7 +343,8 @@ def _compile_steps(onnx_path: Path, spec: TargetSpec, options: CompileOptions, o
             "compile": {"options": options.to_json(), "seconds": round(compile_s, 3),
                         **({"schedule_config": sched_cfg.to_json()} if sched_cfg is not None else {}),
                         **({"tuning": tuning} if tuning else {}),
-                        **({"knob_tuning": knob_report} if knob_report else {})},
+                        **({"knob_tuning": knob_report} if knob_report else {}),
+                        **({"kernel_choice": choice} if choice else {})},
             "versions": tool_versions(),
         }
         if extra_manifest:

@@ -1,0 +1,280 @@
+"""Measured kernel choice: run a low-bit pointwise conv bit-serial only where that is faster here.
+
+Why: a bit-serial kernel's cost scales with ``a_bits * w_bits`` bit-plane pairs, an int8 kernel's
+does not, and which wins depends on the CPU's instructions, not on the bits alone. On an AVX-512
+VNNI core one ``vpdpbusd`` does 64 8-bit MACs, so apq's VNNI int8 pointwise conv beat its
+bit-serial kernel at W2A2 on every MobileNetV2 shape we timed (0.55-0.77x), while W1A1 won from
+~96 input channels (1.1-2.6x) and lost below. A policy written in bits (``BitserialPolicy.rules``)
+cannot know that; timing both kernels for the layer's shape can. ``BitserialPolicy.select =
+"measured"`` (``apq compile --bitserial measured``) asks this module per pointwise layer.
+
+What is timed, for one ``(H, W, IC) -> OC`` layer at ``a``/``w`` bits and weight mode:
+
+- bit-serial: :func:`apq.kernels.bitserial.conv2d_primfunc`, scheduled, activation packing included;
+- int8: the conv apq's int8 path builds for that layer on this target: on VNNI CPUs with the NHWC
+  int8 layout, the packed-weight ``vpdpbusd`` kernel (toolchain/int8_layout.py), elsewhere the NCHW
+  ``u8 x s8 -> i32`` conv through apq's CPU pipeline.
+
+Both get the same random a-bit activations and w-bit weights and must produce the same int32
+accumulators (exact; a mismatch keeps the layer on int8 and is reported). Neither includes the
+requantize epilogue: it is the same per output element on both paths, fused into either kernel's
+register tile. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rounds, best
+repeat). Results are cached per target like knob choices
+(``<cache>/kernel_choice/<target key>.json``), so a recompile times nothing and every compile on
+this machine decides the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from apq.toolchain.errors import InvalidInputError
+
+CACHE_VERSION = 1
+#: bit-serial must beat int8 by this fraction to be chosen (ties keep the simpler int8 path)
+MIN_GAIN = 0.03
+
+
+@dataclass(frozen=True)
+class PointwiseLayer:
+    """What decides a pointwise conv's kernel speed (batch 1; NHWC and NCHW alike)."""
+
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    a_bits: int
+    w_bits: int
+    mode: str  # bit-serial weight mode (bitpack.WEIGHT_MODES)
+
+    def key(self, int8_form: str) -> str:
+        return (f"pointwise {self.height}x{self.width}x{self.in_channels}->{self.out_channels} s{self.stride} "
+                f"a{self.a_bits}w{self.w_bits} {self.mode} vs {int8_form}")
+
+
+@dataclass
+class KernelTiming:
+    """One layer's measurement; ``kernel`` is the choice ("bitserial" or "int8")."""
+
+    bitserial_ms: float | None
+    int8_ms: float | None
+    exact: bool
+    kernel: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "source": "measured"}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "KernelTiming":
+        return KernelTiming(d.get("bitserial_ms"), d.get("int8_ms"), bool(d.get("exact")), str(d["kernel"]))
+
+    def summary(self) -> str:
+        """A reason line for the layer's decision."""
+        if not self.exact:
+            return "measured: bit-serial and int8 outputs differed, kept int8"
+        fmt = lambda ms: "n/a" if ms is None else f"{ms:.3f} ms"  # noqa: E731
+        return f"measured: bit-serial {fmt(self.bitserial_ms)}, int8 {fmt(self.int8_ms)}"
+
+
+def choose(bitserial_ms: float | None, int8_ms: float | None, exact: bool, min_gain: float = MIN_GAIN) -> str:
+    """``"bitserial"`` only if it ran, was exact and beat int8 by ``min_gain``."""
+    if not exact or bitserial_ms is None:
+        return "int8"
+    if int8_ms is None:
+        return "bitserial"
+    return "bitserial" if bitserial_ms <= int8_ms * (1.0 - min_gain) else "int8"
+
+
+# --------------------------------------------------------------------------- the two kernels
+
+
+def _random_operands(layer: PointwiseLayer, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """NHWC uint8 activations in [0, 2^a) and HWIO int8 weights the mode can represent."""
+    from apq.kernels import bitpack
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 1 << layer.a_bits, (1, layer.height, layer.width, layer.in_channels)).astype("uint8")
+    shape = (1, 1, layer.in_channels, layer.out_channels)
+    codes = rng.integers(0, 1 << layer.w_bits, shape)
+    w = bitpack.decode_weights(codes, layer.w_bits, layer.mode).astype("int8")
+    return x, w
+
+
+def _bitserial_runner(layer: PointwiseLayer, x: np.ndarray, w: np.ndarray, target: Any):
+    """(module, args, output reader) of the scheduled bit-serial kernel (NHWC int32 output)."""
+    import tvm
+
+    from apq.kernels import bitpack, bitserial
+
+    cfg = bitserial.BitserialConfig(layer.a_bits, layer.w_bits, layer.mode, stride=layer.stride)
+    wp = bitpack.pack_conv_weights_hwio(w, layer.w_bits, layer.mode)
+    lib = bitserial.build(bitserial.conv2d_primfunc(x.shape, wp.shape, cfg, target), target)
+    oh = bitserial.conv_out_size(layer.height, 1, layer.stride, 0)
+    ow = bitserial.conv_out_size(layer.width, 1, layer.stride, 0)
+    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(np.zeros((1, oh, ow, w.shape[3]), "int32"))]
+    return lib, args, lambda: args[2].numpy()
+
+
+def _int8_runner(x: np.ndarray, w: np.ndarray, stride: int, nhwc: bool, target: Any):
+    """(kernels, output) of apq's int8 conv for this layer: ``kernels`` are the scheduled
+    PrimFuncs the build runs, each built alone with its own random arguments (timed directly, as
+    the bit-serial kernel is: no VM dispatch in either time); ``output`` the NHWC int32 result of
+    the whole compiled module on ``x`` (for the exactness check)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from apq.kernels.knob_tuning import _build, _random_args
+    from apq.kernels.pipeline import compile_relax
+    from apq.toolchain.kernel_impl import capture_scheduled
+
+    xin = x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    wk = w if nhwc else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+    layouts = {"data_layout": "NHWC", "kernel_layout": "HWIO"} if nhwc else {}
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(list(xin.shape), "uint8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(wk), strides=stride, out_dtype="int32", **layouts))
+            y = bb.emit_output(y)
+        bb.emit_func_output(y)
+    mod = bb.get()
+    if nhwc:
+        from apq.toolchain.int8_layout import pack_pointwise_convs
+
+        mod, _ = pack_pointwise_convs(mod)
+    with capture_scheduled() as cap:
+        vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(xin)).numpy()
+    kernels = []
+    for _, f in (cap.module.functions_items() if cap.module is not None else []):
+        if isinstance(f, tirx.PrimFunc):
+            kernels.append((_build(f, target), [tvm.runtime.tensor(a) for a in _random_args(f, 0)]))
+    return kernels, (y if nhwc else y.transpose(0, 2, 3, 1))
+
+
+def time_pointwise(layer: PointwiseLayer, target: Any, nhwc: bool, cfg: Any = None) -> KernelTiming:
+    """Build, check and time both kernels of ``layer`` on this machine (see the module docstring)."""
+    import tvm
+
+    from apq.kernels.interleaved import interleaved_samples
+    from apq.kernels.knob_tuning import KnobTuneConfig, _set_threads
+
+    cfg = cfg or KnobTuneConfig()
+    x, w = _random_operands(layer)
+    dev = tvm.cpu()
+    with target:
+        bs_lib, bs_args, bs_out = _bitserial_runner(layer, x, w, target)
+        i8_kernels, i8_out = _int8_runner(x, w, layer.stride, nhwc, target)
+    bs_lib["main"](*bs_args)
+    exact = bool(np.array_equal(bs_out(), i8_out)) and bool(i8_kernels)
+
+    def best_ms(kind: str) -> float:
+        runs = [(bs_lib, bs_args)] if kind == "bitserial" else i8_kernels
+        total = 0.0
+        for lib, args in runs:
+            ev = lib.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat, min_repeat_ms=cfg.min_repeat_ms)
+            total += min(ev(*args).results) * 1e3
+        return total
+
+    restore = _set_threads(cfg.threads)
+    try:
+        samples = interleaved_samples(["bitserial", "int8"], cfg.rounds, best_ms)
+    finally:
+        _set_threads(restore)
+    bs_ms, i8_ms = round(min(samples["bitserial"]), 6), round(min(samples["int8"]), 6)
+    return KernelTiming(bs_ms, i8_ms, exact, choose(bs_ms, i8_ms, exact))
+
+
+# --------------------------------------------------------------------------- the cache and the chooser
+
+
+def cache_file(target: Any, cache_dir: Path | None = None) -> Path:
+    """``<cache>/kernel_choice/<target key>.json`` (the cache root of kernels/knob_tuning.py)."""
+    from apq.kernels.knob_tuning import cache_file as knob_cache_file
+
+    knobs = knob_cache_file(target, cache_dir)
+    return knobs.parent.parent / "kernel_choice" / knobs.name
+
+
+def load_cache(path: Path) -> dict[str, KernelTiming]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("version") != CACHE_VERSION:
+        return {}
+    return {k: KernelTiming.from_json(v) for k, v in data.get("entries", {}).items()}
+
+
+def save_cache(path: Path, new: dict[str, KernelTiming], target: Any | None = None) -> None:
+    """Merge ``new`` into the file under its lock, written atomically."""
+    from apq.kernels.knob_tuning import _locked
+
+    path = Path(path)
+    with _locked(path):
+        entries = load_cache(path)
+        entries.update(new)
+        doc: dict[str, Any] = {"version": CACHE_VERSION,
+                               "entries": {k: t.to_json() for k, t in sorted(entries.items())}}
+        if target is not None:
+            doc["target"] = str(target)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def check_measurable(spec: Any) -> None:
+    """One-line refusal for targets whose kernels cannot be timed on this machine."""
+    from apq.kernels.knob_tuning import tunable
+
+    if not tunable(spec):
+        raise InvalidInputError(f"cannot measure kernel choices for target {spec.name}: the bit-serial and int8 "
+                                "kernels are timed on this machine, so --bitserial measured needs the host target")
+
+
+class KernelChooser:
+    """Per-layer kernel choices for one compile: cached on disk, timed once per new layer shape.
+
+    ``measure`` replaces :func:`time_pointwise` (tests count its calls). ``timed`` / ``cached``
+    count this chooser's lookups.
+    """
+
+    def __init__(self, spec: Any, nhwc: bool, cache_dir: Path | None = None,
+                 measure: Callable[..., KernelTiming] | None = None) -> None:
+        check_measurable(spec)
+        self.spec, self.nhwc = spec, nhwc and "avx512vnni" in spec.features
+        self.path = cache_file(spec.tvm(), cache_dir)
+        self.entries = load_cache(self.path)
+        self.measure = measure or time_pointwise
+        self.timed = self.cached = 0
+        self.seconds = 0.0
+        #: per layer (name or "#index"), what its plan decided, for the manifest (filled by
+        #: toolchain/bitserial_lowering.py, the last plan of a layer wins)
+        self.log: dict[str, dict[str, Any]] = {}
+
+    @property
+    def int8_form(self) -> str:
+        return "int8-nhwc-vnni" if self.nhwc else "int8-nchw"
+
+    def pointwise(self, layer: PointwiseLayer) -> KernelTiming:
+        key = layer.key(self.int8_form)
+        if key in self.entries:
+            self.cached += 1
+            return self.entries[key]
+        t0 = time.perf_counter()
+        timing = self.measure(layer, self.spec.tvm(), self.nhwc)
+        self.seconds += time.perf_counter() - t0
+        self.timed += 1
+        self.entries[key] = timing
+        save_cache(self.path, {key: timing}, self.spec.tvm())
+        return timing

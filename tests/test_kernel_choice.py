@@ -1,0 +1,134 @@
+"""Measured kernel choice (kernels/kernel_choice.py, ``--bitserial measured``): a low-bit pointwise
+layer runs bit-serial only where its bit-serial kernel was timed faster than the int8 one.
+
+What is checked: the rule; a real measurement builds both kernels and finds them exact against
+each other; the per-target cache (a second chooser times nothing); the lowering obeys the
+choices layer by layer and stays bit-identical to the int8 build, with the timings in the
+manifest; targets whose kernels cannot run here get a one-line refusal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+
+from apq.kernels import kernel_choice  # noqa: E402
+from apq.kernels.kernel_choice import KernelChooser, KernelTiming, PointwiseLayer, choose  # noqa: E402
+from apq.targets.registry import get_target  # noqa: E402
+from apq.toolchain.bitserial_lowering import BitserialPolicy  # noqa: E402
+from apq.toolchain.errors import InvalidInputError  # noqa: E402
+
+
+def test_choose_needs_an_exact_and_clearly_faster_bitserial_kernel() -> None:
+    assert choose(0.5, 1.0, True) == "bitserial"
+    assert choose(0.99, 1.0, True) == "int8"  # within the margin: the simpler int8 path
+    assert choose(2.0, 1.0, True) == "int8"
+    assert choose(0.1, 1.0, False) == "int8"  # outputs differed
+    assert choose(None, 1.0, True) == "int8"
+    assert choose(0.1, None, True) == "bitserial"
+
+
+@pytest.mark.parametrize("layer", [
+    PointwiseLayer(6, 6, 64, 32, 1, 1, 1, "bipolar"),
+    PointwiseLayer(8, 8, 48, 24, 1, 2, 2, "signed"),
+])
+def test_real_measurement_builds_both_kernels_and_they_agree(layer: PointwiseLayer) -> None:
+    spec = get_target("host")
+    nhwc = "avx512vnni" in spec.features
+    t = kernel_choice.time_pointwise(layer, spec.tvm(), nhwc)
+    assert t.exact, t
+    assert t.bitserial_ms is not None and t.bitserial_ms > 0 and t.int8_ms is not None and t.int8_ms > 0
+    assert t.kernel == choose(t.bitserial_ms, t.int8_ms, True)
+    assert t.to_json()["source"] == "measured"
+
+
+def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
+    calls: list[PointwiseLayer] = []
+
+    def fake(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+        calls.append(layer)
+        return KernelTiming(1.0, 2.0, True, "bitserial")
+
+    spec = get_target("host")
+    layer = PointwiseLayer(14, 14, 256, 64, 1, 1, 1, "bipolar")
+    first = KernelChooser(spec, True, tmp_path, measure=fake)
+    assert first.pointwise(layer).kernel == "bitserial" and first.timed == 1
+    assert first.pointwise(layer).kernel == "bitserial" and first.timed == 1 and first.cached == 1
+    second = KernelChooser(spec, True, tmp_path, measure=fake)
+    assert second.pointwise(layer).bitserial_ms == 1.0 and second.timed == 0 and len(calls) == 1
+    doc = json.loads(first.path.read_text())
+    assert doc["version"] == kernel_choice.CACHE_VERSION and first.path.parent.name == "kernel_choice"
+    assert all(e["source"] == "measured" for e in doc["entries"].values())
+    # another int8 path (NCHW int8 layout) is another comparison: timed again
+    KernelChooser(spec, False, tmp_path, measure=fake).pointwise(layer)
+    assert len(calls) == 2
+
+
+def test_policy_select_is_validated() -> None:
+    assert BitserialPolicy.from_json({"select": "measured"}).select == "measured"
+    with pytest.raises(InvalidInputError, match="select"):
+        BitserialPolicy(select="fastest")
+
+
+@pytest.fixture(scope="module")
+def mixed_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_bitserial_lowering import SHAPE, _mixed_net
+
+    from apq.toolchain.supernet.qlayers import export_onnx
+
+    return export_onnx(_mixed_net(), tmp_path_factory.mktemp("kc") / "mixed.onnx", SHAPE)
+
+
+def test_measured_policy_follows_the_timings_and_stays_bit_identical(mixed_onnx: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With timings that favour bit-serial for 2-bit weights only, exactly those pointwise layers
+    run bit-serial; the rules still decide the depthwise layer; the logits equal the int8 build's."""
+    from apq.toolchain.artifact import open_artifact
+    from apq.toolchain.compile import CompileOptions, compile_onnx
+    from apq.toolchain.runtime import run_artifact
+
+    seen: list[PointwiseLayer] = []
+
+    def fake(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+        seen.append(layer)
+        fast = layer.w_bits == 2
+        return KernelTiming(0.5 if fast else 2.0, 1.0, True, "bitserial" if fast else "int8")
+
+    monkeypatch.setattr(kernel_choice, "time_pointwise", fake)
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    res = compile_onnx(mixed_onnx, "host", tmp_path / "m.apq",
+                       options=CompileOptions(bitserial=BitserialPolicy(select="measured")))
+    kernels = {lay["name"]: lay["kernel"] for lay in res.manifest["layers"]}
+    assert kernels["blocks.1.expand.weight_q"] == "bitserial_conv2d_a4w2"
+    assert kernels["blocks.1.project.weight_q"] == "bitserial_conv2d_a4w2"
+    for name in ("blocks.0.expand", "blocks.0.project", "blocks.2.expand", "blocks.2.project"):
+        assert not kernels[f"{name}.weight_q"].startswith("bitserial"), name
+    assert kernels["blocks.0.depthwise.weight_q"] == "bitserial_depthwise_conv2d_a2w2"  # rules, not timed
+    report = {c["layer"]: c for c in res.manifest["compile"]["kernel_choice"]}
+    assert set(report) == {f"blocks.{i}.{k}.weight_q" for i in range(3) for k in ("expand", "project")}
+    assert {k: c["kernel"] for k, c in report.items()} == {
+        k: ("bitserial" if k.startswith("blocks.1.") else "int8") for k in report}
+    assert all(c["source"] == "measured" for c in report.values())
+    assert len(seen) == len({(s.height, s.in_channels, s.out_channels, s.a_bits, s.w_bits) for s in seen})
+
+    ref = compile_onnx(mixed_onnx, "host", tmp_path / "i8.apq")
+    art, art_ref = open_artifact(res.artifact_path), open_artifact(ref.artifact_path)
+    for seed in range(2):
+        x = art.random_inputs(seed)
+        np.testing.assert_array_equal(run_artifact(art, x)[0], run_artifact(art_ref, x)[0])
+
+
+def test_measured_choice_refuses_targets_it_cannot_time(mixed_onnx: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from apq.toolchain.cli import main
+
+    rc = main(["compile", str(mixed_onnx), "--target", "raspberry-pi/4b-aarch64", "--bitserial", "measured",
+               "-o", str(tmp_path / "pi.apq")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "host target" in err and "Traceback" not in err
