@@ -69,16 +69,20 @@ class KernelTiming:
     int8_ms: float | None
     exact: bool
     kernel: str
+    error: str = ""  # why nothing was timed (a kernel failed to build or run)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "source": "measured"}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "KernelTiming":
-        return KernelTiming(d.get("bitserial_ms"), d.get("int8_ms"), bool(d.get("exact")), str(d["kernel"]))
+        return KernelTiming(d.get("bitserial_ms"), d.get("int8_ms"), bool(d.get("exact")), str(d["kernel"]),
+                            str(d.get("error", "")))
 
     def summary(self) -> str:
         """A reason line for the layer's decision."""
+        if self.error:
+            return f"measured: could not time the kernels ({self.error}), kept int8"
         if not self.exact:
             return "measured: bit-serial and int8 outputs differed, kept int8"
         fmt = lambda ms: "n/a" if ms is None else f"{ms:.3f} ms"  # noqa: E731
@@ -272,7 +276,10 @@ class KernelChooser:
             self.cached += 1
             return self.entries[key]
         t0 = time.perf_counter()
-        timing = self.measure(layer, self.spec.tvm(), self.nhwc)
+        try:
+            timing = self.measure(layer, self.spec.tvm(), self.nhwc)
+        except Exception as e:  # noqa: BLE001 -- a kernel that cannot be built or run here is no choice
+            timing = KernelTiming(None, None, False, "int8", " ".join(str(e).split())[:200])
         self.seconds += time.perf_counter() - t0
         self.timed += 1
         self.entries[key] = timing

@@ -70,6 +70,16 @@ def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
     assert len(calls) == 2
 
 
+def test_a_kernel_that_fails_keeps_the_layer_int8_and_says_why(tmp_path: Path) -> None:
+    def broken(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+        raise RuntimeError("LLVM said no\n  at line 3")
+
+    t = KernelChooser(get_target("host"), True, tmp_path, measure=broken).pointwise(
+        PointwiseLayer(7, 7, 64, 64, 1, 2, 2, "signed"))
+    assert t.kernel == "int8" and t.bitserial_ms is None and "LLVM said no at line 3" in t.summary()
+    assert KernelTiming.from_json(t.to_json()) == t
+
+
 def test_policy_select_is_validated() -> None:
     assert BitserialPolicy.from_json({"select": "measured"}).select == "measured"
     with pytest.raises(InvalidInputError, match="select"):
