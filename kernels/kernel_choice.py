@@ -1,27 +1,32 @@
-"""Measured kernel choice: run a low-bit pointwise conv bit-serial only where that is faster here.
+"""Measured kernel choice: run a low-bit conv bit-serial only where that is faster here.
 
 Why: a bit-serial kernel's cost scales with ``a_bits * w_bits`` bit-plane pairs, an int8 kernel's
 does not, and which wins depends on the CPU's instructions, not on the bits alone. On an AVX-512
 VNNI core one ``vpdpbusd`` does 64 8-bit MACs, so apq's VNNI int8 pointwise conv beat its
-bit-serial kernel at W2A2 on every MobileNetV2 shape we timed (0.55-0.77x), while W1A1 won from
-~96 input channels (1.1-2.6x) and lost below. A policy written in bits (``BitserialPolicy.rules``)
-cannot know that; timing both kernels for the layer's shape can. ``BitserialPolicy.select =
-"measured"`` (``apq compile --bitserial measured``) asks this module per pointwise layer.
+bit-serial kernel at W2A2 on every MobileNetV2 shape we timed (0.40-0.61x), while W1A1 won only on
+wide layers (7x7x320 -> 1280: 1.7x). A policy written in bits (``BitserialPolicy.rules``) cannot
+know that; timing both kernels for the layer's shape can. ``BitserialPolicy.select = "measured"``
+(``apq compile --bitserial measured``) asks this module for every pointwise and depthwise layer
+the rules admit (:data:`MEASURED_OPS`).
 
-What is timed, for one ``(H, W, IC) -> OC`` layer at ``a``/``w`` bits and weight mode:
+What is timed, for one layer (:class:`ConvLayer`: shape, kernel, stride, padding, bits, mode):
 
-- bit-serial: :func:`apq.kernels.bitserial.conv2d_primfunc`, scheduled, activation packing included;
+- bit-serial: the kernel registry's builder the lowering uses (kernels/registry.py), scheduled,
+  activation packing included;
 - int8: the conv apq's int8 path builds for that layer on this target: on VNNI CPUs with the NHWC
-  int8 layout, the packed-weight ``vpdpbusd`` kernel (toolchain/int8_layout.py), elsewhere the NCHW
-  ``u8 x s8 -> i32`` conv through apq's CPU pipeline.
+  int8 layout, the packed-weight ``vpdpbusd`` kernels of toolchain/int8_layout.py, elsewhere the
+  NCHW ``u8 x s8 -> i32`` conv through apq's CPU pipeline (an approximation for depthwise convs,
+  which the NCHW int8 path accumulates in float32).
 
 Both get the same random a-bit activations and w-bit weights and must produce the same int32
-accumulators (exact; a mismatch keeps the layer on int8 and is reported). Neither includes the
-requantize epilogue: it is the same per output element on both paths, fused into either kernel's
-register tile. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rounds, best
-repeat). Results are cached per target like knob choices
-(``<cache>/kernel_choice/<target key>.json``), so a recompile times nothing and every compile on
-this machine decides the same way.
+accumulators (exact; a mismatch keeps the layer on int8 and is reported). Both write int32
+accumulators and neither includes the requantize epilogue, which is the same per output on both
+paths and fused into either kernel in a model: an equal cost on both sides, so the order of the
+two times holds, while their ratio is pulled towards 1 on layers whose int32 output traffic is
+large. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rounds, best repeat).
+Results are cached per target like knob choices (``<cache>/kernel_choice/<target key>.json``), so
+a recompile times nothing and every compile on this machine decides the same way. The key has no
+kernel version: bump :data:`CACHE_VERSION` when a kernel changes.
 """
 
 from __future__ import annotations
@@ -43,22 +48,41 @@ CACHE_VERSION = 1
 MIN_GAIN = 0.03
 
 
-@dataclass(frozen=True)
-class PointwiseLayer:
-    """What decides a pointwise conv's kernel speed (batch 1; NHWC and NCHW alike)."""
+#: Op kinds this module can time (toolchain/bitserial_lowering.py's layer kinds).
+MEASURED_OPS = ("pointwise", "depthwise")
 
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """What decides a conv's kernel speed (batch 1, square kernel; NHWC and NCHW alike).
+    Depthwise: ``in_channels == out_channels``, one input channel per output channel."""
+
+    op: str  # one of MEASURED_OPS
     height: int
     width: int
     in_channels: int
     out_channels: int
+    kernel: int
     stride: int
+    padding: int
     a_bits: int
     w_bits: int
     mode: str  # bit-serial weight mode (bitpack.WEIGHT_MODES)
 
+    def __post_init__(self) -> None:
+        if self.op not in MEASURED_OPS:
+            raise InvalidInputError(f"kernel choice cannot time {self.op!r} layers; valid: {', '.join(MEASURED_OPS)}")
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        from apq.kernels.bitserial import conv_out_size
+
+        return (conv_out_size(self.height, self.kernel, self.stride, self.padding),
+                conv_out_size(self.width, self.kernel, self.stride, self.padding))
+
     def key(self, int8_form: str) -> str:
-        return (f"pointwise {self.height}x{self.width}x{self.in_channels}->{self.out_channels} s{self.stride} "
-                f"a{self.a_bits}w{self.w_bits} {self.mode} vs {int8_form}")
+        return (f"{self.op} {self.height}x{self.width}x{self.in_channels}->{self.out_channels} k{self.kernel} "
+                f"s{self.stride} p{self.padding} a{self.a_bits}w{self.w_bits} {self.mode} vs {int8_form}")
 
 
 @dataclass
@@ -101,38 +125,59 @@ def choose(bitserial_ms: float | None, int8_ms: float | None, exact: bool, min_g
 # --------------------------------------------------------------------------- the two kernels
 
 
-def _random_operands(layer: PointwiseLayer, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """NHWC uint8 activations in [0, 2^a) and HWIO int8 weights the mode can represent."""
+def _random_operands(layer: ConvLayer, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """NHWC uint8 activations in [0, 2^a) and HWIO int8 weights the mode can represent
+    (depthwise: ``(K, K, 1, C)``)."""
     from apq.kernels import bitpack
 
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 1 << layer.a_bits, (1, layer.height, layer.width, layer.in_channels)).astype("uint8")
-    shape = (1, 1, layer.in_channels, layer.out_channels)
-    codes = rng.integers(0, 1 << layer.w_bits, shape)
+    per_group = 1 if layer.op == "depthwise" else layer.in_channels
+    codes = rng.integers(0, 1 << layer.w_bits, (layer.kernel, layer.kernel, per_group, layer.out_channels))
     w = bitpack.decode_weights(codes, layer.w_bits, layer.mode).astype("int8")
     return x, w
 
 
-def _bitserial_runner(layer: PointwiseLayer, x: np.ndarray, w: np.ndarray, target: Any):
-    """(module, args, output reader) of the scheduled bit-serial kernel (NHWC int32 output)."""
+def _packed_weights(layer: ConvLayer, w: np.ndarray) -> np.ndarray:
+    """``w`` packed as toolchain/bitserial_lowering.py packs it for this op."""
+    from apq.kernels import bitpack
+
+    if layer.op == "depthwise":
+        return bitpack.pack_depthwise_weights(w[:, :, 0, :], layer.w_bits, layer.mode)
+    return bitpack.pack_conv_weights_hwio(w, layer.w_bits, layer.mode)
+
+
+#: layer op -> the toolchain/int8_layout.py pass that gives an NHWC int8 conv its VNNI kernel
+_NHWC_INT8_REWRITES = {"pointwise": "pack_pointwise_convs", "depthwise": "pack_depthwise_convs"}
+#: layer op -> the kernel registry's op name (kernels/registry.py), as the lowering looks it up
+_REGISTRY_OPS = {"pointwise": "conv2d", "depthwise": "depthwise_conv2d"}
+
+
+def _bitserial_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: Any, arch: str):
+    """(module, args, output reader) of the scheduled bit-serial kernel the lowering would emit
+    (the same registry entry and builder), NHWC int32 output."""
     import tvm
 
-    from apq.kernels import bitpack, bitserial
+    from apq.kernels import bitserial
+    from apq.kernels.registry import find_kernel
 
-    cfg = bitserial.BitserialConfig(layer.a_bits, layer.w_bits, layer.mode, stride=layer.stride)
-    wp = bitpack.pack_conv_weights_hwio(w, layer.w_bits, layer.mode)
-    lib = bitserial.build(bitserial.conv2d_primfunc(x.shape, wp.shape, cfg, target), target)
-    oh = bitserial.conv_out_size(layer.height, 1, layer.stride, 0)
-    ow = bitserial.conv_out_size(layer.width, 1, layer.stride, 0)
-    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(np.zeros((1, oh, ow, w.shape[3]), "int32"))]
+    cfg = bitserial.BitserialConfig(layer.a_bits, layer.w_bits, layer.mode, stride=layer.stride,
+                                    padding=layer.padding)
+    wp = _packed_weights(layer, w)
+    spec = find_kernel(_REGISTRY_OPS[layer.op], layer.a_bits, layer.w_bits, arch)
+    func = spec.builder(x.shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=True)
+    lib = bitserial.build(func, target)
+    out = np.zeros((1, *layer.out_hw, layer.out_channels), "int32")
+    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(out)]
     return lib, args, lambda: args[2].numpy()
 
 
-def _int8_runner(x: np.ndarray, w: np.ndarray, stride: int, nhwc: bool, target: Any):
+def _int8_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, nhwc: bool, target: Any):
     """(kernels, output) of apq's int8 conv for this layer: ``kernels`` are the scheduled
     PrimFuncs the build runs, each built alone with its own random arguments (timed directly, as
     the bit-serial kernel is: no VM dispatch in either time); ``output`` the NHWC int32 result of
-    the whole compiled module on ``x`` (for the exactness check)."""
+    the whole compiled module on ``x`` (for the exactness check). On the NHWC int8 layout the
+    conv gets the rewrite toolchain/int8_layout.py gives it (packed-weight ``vpdpbusd`` kernels)."""
     import tvm
     from tvm import relax, tirx
 
@@ -147,14 +192,16 @@ def _int8_runner(x: np.ndarray, w: np.ndarray, stride: int, nhwc: bool, target: 
     xv = relax.Var("x", relax.TensorType(list(xin.shape), "uint8"))
     with bb.function("main", [xv]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(wk), strides=stride, out_dtype="int32", **layouts))
+            groups = layer.out_channels if layer.op == "depthwise" else 1
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(wk), strides=layer.stride, padding=layer.padding,
+                                           groups=groups, out_dtype="int32", **layouts))
             y = bb.emit_output(y)
         bb.emit_func_output(y)
     mod = bb.get()
     if nhwc:
-        from apq.toolchain.int8_layout import pack_pointwise_convs
+        from apq.toolchain import int8_layout
 
-        mod, _ = pack_pointwise_convs(mod)
+        mod, _ = getattr(int8_layout, _NHWC_INT8_REWRITES[layer.op])(mod)
     with capture_scheduled() as cap:
         vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(xin)).numpy()
@@ -165,19 +212,20 @@ def _int8_runner(x: np.ndarray, w: np.ndarray, stride: int, nhwc: bool, target: 
     return kernels, (y if nhwc else y.transpose(0, 2, 3, 1))
 
 
-def time_pointwise(layer: PointwiseLayer, target: Any, nhwc: bool, cfg: Any = None) -> KernelTiming:
+def time_layer(layer: ConvLayer, target: Any, nhwc: bool, cfg: Any = None) -> KernelTiming:
     """Build, check and time both kernels of ``layer`` on this machine (see the module docstring)."""
     import tvm
 
     from apq.kernels.interleaved import interleaved_samples
     from apq.kernels.knob_tuning import KnobTuneConfig, _set_threads
+    from apq.targets.registry import get_target
 
     cfg = cfg or KnobTuneConfig()
     x, w = _random_operands(layer)
     dev = tvm.cpu()
     with target:
-        bs_lib, bs_args, bs_out = _bitserial_runner(layer, x, w, target)
-        i8_kernels, i8_out = _int8_runner(x, w, layer.stride, nhwc, target)
+        bs_lib, bs_args, bs_out = _bitserial_runner(layer, x, w, target, get_target("host").arch)
+        i8_kernels, i8_out = _int8_runner(layer, x, w, nhwc, target)
     bs_lib["main"](*bs_args)
     exact = bool(np.array_equal(bs_out(), i8_out)) and bool(i8_kernels)
 
@@ -249,7 +297,7 @@ def check_measurable(spec: Any) -> None:
 class KernelChooser:
     """Per-layer kernel choices for one compile: cached on disk, timed once per new layer shape.
 
-    ``measure`` replaces :func:`time_pointwise` (tests count its calls). ``timed`` / ``cached``
+    ``measure`` replaces :func:`time_layer` (tests count its calls). ``timed`` / ``cached``
     count this chooser's lookups.
     """
 
@@ -259,7 +307,7 @@ class KernelChooser:
         self.spec, self.nhwc = spec, nhwc and "avx512vnni" in spec.features
         self.path = cache_file(spec.tvm(), cache_dir)
         self.entries = load_cache(self.path)
-        self.measure = measure or time_pointwise
+        self.measure = measure or time_layer
         self.timed = self.cached = 0
         self.seconds = 0.0
         #: per layer (name or "#index"), what its plan decided, for the manifest (filled by
@@ -270,7 +318,7 @@ class KernelChooser:
     def int8_form(self) -> str:
         return "int8-nhwc-vnni" if self.nhwc else "int8-nchw"
 
-    def pointwise(self, layer: PointwiseLayer) -> KernelTiming:
+    def timing(self, layer: ConvLayer) -> KernelTiming:
         key = layer.key(self.int8_form)
         if key in self.entries:
             self.cached += 1

@@ -19,7 +19,7 @@ tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
 from apq.kernels import kernel_choice  # noqa: E402
-from apq.kernels.kernel_choice import KernelChooser, KernelTiming, PointwiseLayer, choose  # noqa: E402
+from apq.kernels.kernel_choice import KernelChooser, KernelTiming, ConvLayer, choose  # noqa: E402
 from apq.targets.registry import get_target  # noqa: E402
 from apq.toolchain.bitserial_lowering import BitserialPolicy  # noqa: E402
 from apq.toolchain.errors import InvalidInputError  # noqa: E402
@@ -35,13 +35,15 @@ def test_choose_needs_an_exact_and_clearly_faster_bitserial_kernel() -> None:
 
 
 @pytest.mark.parametrize("layer", [
-    PointwiseLayer(6, 6, 64, 32, 1, 1, 1, "bipolar"),
-    PointwiseLayer(8, 8, 48, 24, 1, 2, 2, "signed"),
+    ConvLayer("pointwise", 6, 6, 64, 32, 1, 1, 0, 1, 1, "bipolar"),
+    ConvLayer("pointwise", 8, 8, 48, 24, 1, 1, 0, 2, 2, "signed"),
+    ConvLayer("depthwise", 9, 9, 32, 32, 3, 2, 1, 2, 2, "signed"),
+    ConvLayer("depthwise", 8, 8, 16, 16, 3, 1, 1, 1, 1, "bipolar"),
 ])
-def test_real_measurement_builds_both_kernels_and_they_agree(layer: PointwiseLayer) -> None:
+def test_real_measurement_builds_both_kernels_and_they_agree(layer: ConvLayer) -> None:
     spec = get_target("host")
     nhwc = "avx512vnni" in spec.features
-    t = kernel_choice.time_pointwise(layer, spec.tvm(), nhwc)
+    t = kernel_choice.time_layer(layer, spec.tvm(), nhwc)
     assert t.exact, t
     assert t.bitserial_ms is not None and t.bitserial_ms > 0 and t.int8_ms is not None and t.int8_ms > 0
     assert t.kernel == choose(t.bitserial_ms, t.int8_ms, True)
@@ -49,33 +51,33 @@ def test_real_measurement_builds_both_kernels_and_they_agree(layer: PointwiseLay
 
 
 def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
-    calls: list[PointwiseLayer] = []
+    calls: list[ConvLayer] = []
 
-    def fake(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+    def fake(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
         calls.append(layer)
         return KernelTiming(1.0, 2.0, True, "bitserial")
 
     spec = get_target("host")
-    layer = PointwiseLayer(14, 14, 256, 64, 1, 1, 1, "bipolar")
+    layer = ConvLayer("pointwise", 14, 14, 256, 64, 1, 1, 0, 1, 1, "bipolar")
     first = KernelChooser(spec, True, tmp_path, measure=fake)
-    assert first.pointwise(layer).kernel == "bitserial" and first.timed == 1
-    assert first.pointwise(layer).kernel == "bitserial" and first.timed == 1 and first.cached == 1
+    assert first.timing(layer).kernel == "bitserial" and first.timed == 1
+    assert first.timing(layer).kernel == "bitserial" and first.timed == 1 and first.cached == 1
     second = KernelChooser(spec, True, tmp_path, measure=fake)
-    assert second.pointwise(layer).bitserial_ms == 1.0 and second.timed == 0 and len(calls) == 1
+    assert second.timing(layer).bitserial_ms == 1.0 and second.timed == 0 and len(calls) == 1
     doc = json.loads(first.path.read_text())
     assert doc["version"] == kernel_choice.CACHE_VERSION and first.path.parent.name == "kernel_choice"
     assert all(e["source"] == "measured" for e in doc["entries"].values())
     # another int8 path (NCHW int8 layout) is another comparison: timed again
-    KernelChooser(spec, False, tmp_path, measure=fake).pointwise(layer)
+    KernelChooser(spec, False, tmp_path, measure=fake).timing(layer)
     assert len(calls) == 2
 
 
 def test_a_kernel_that_fails_keeps_the_layer_int8_and_says_why(tmp_path: Path) -> None:
-    def broken(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+    def broken(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
         raise RuntimeError("LLVM said no\n  at line 3")
 
-    t = KernelChooser(get_target("host"), True, tmp_path, measure=broken).pointwise(
-        PointwiseLayer(7, 7, 64, 64, 1, 2, 2, "signed"))
+    t = KernelChooser(get_target("host"), True, tmp_path, measure=broken).timing(
+        ConvLayer("pointwise", 7, 7, 64, 64, 1, 1, 0, 2, 2, "signed"))
     assert t.kernel == "int8" and t.bitserial_ms is None and "LLVM said no at line 3" in t.summary()
     assert KernelTiming.from_json(t.to_json()) == t
 
@@ -97,35 +99,39 @@ def mixed_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_measured_policy_follows_the_timings_and_stays_bit_identical(mixed_onnx: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """With timings that favour bit-serial for 2-bit weights only, exactly those pointwise layers
-    run bit-serial; the rules still decide the depthwise layer; the logits equal the int8 build's."""
+    """With timings that favour bit-serial for 2-bit pointwise weights only, exactly those layers
+    run bit-serial, the 2-bit depthwise layer the rules admit goes back to int8, and the logits
+    equal the int8 build's."""
     from apq.toolchain.artifact import open_artifact
     from apq.toolchain.compile import CompileOptions, compile_onnx
     from apq.toolchain.runtime import run_artifact
 
-    seen: list[PointwiseLayer] = []
+    seen: list[ConvLayer] = []
 
-    def fake(layer: PointwiseLayer, target, nhwc: bool) -> KernelTiming:
+    def fake(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
         seen.append(layer)
-        fast = layer.w_bits == 2
+        fast = layer.w_bits == 2 and layer.op == "pointwise"
         return KernelTiming(0.5 if fast else 2.0, 1.0, True, "bitserial" if fast else "int8")
 
-    monkeypatch.setattr(kernel_choice, "time_pointwise", fake)
+    monkeypatch.setattr(kernel_choice, "time_layer", fake)
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
     res = compile_onnx(mixed_onnx, "host", tmp_path / "m.apq",
                        options=CompileOptions(bitserial=BitserialPolicy(select="measured")))
     kernels = {lay["name"]: lay["kernel"] for lay in res.manifest["layers"]}
     assert kernels["blocks.1.expand.weight_q"] == "bitserial_conv2d_a4w2"
     assert kernels["blocks.1.project.weight_q"] == "bitserial_conv2d_a4w2"
-    for name in ("blocks.0.expand", "blocks.0.project", "blocks.2.expand", "blocks.2.project"):
+    for name in ("blocks.0.expand", "blocks.0.depthwise", "blocks.0.project", "blocks.2.expand", "blocks.2.project"):
         assert not kernels[f"{name}.weight_q"].startswith("bitserial"), name
-    assert kernels["blocks.0.depthwise.weight_q"] == "bitserial_depthwise_conv2d_a2w2"  # rules, not timed
     report = {c["layer"]: c for c in res.manifest["compile"]["kernel_choice"]}
-    assert set(report) == {f"blocks.{i}.{k}.weight_q" for i in range(3) for k in ("expand", "project")}
+    pointwise = {f"blocks.{i}.{k}.weight_q" for i in range(3) for k in ("expand", "project")}
+    assert set(report) == pointwise | {"blocks.0.depthwise.weight_q"}
+    assert report["blocks.0.depthwise.weight_q"]["op"] == "depthwise"
     assert {k: c["kernel"] for k, c in report.items()} == {
         k: ("bitserial" if k.startswith("blocks.1.") else "int8") for k in report}
     assert all(c["source"] == "measured" for c in report.values())
-    assert len(seen) == len({(s.height, s.in_channels, s.out_channels, s.a_bits, s.w_bits) for s in seen})
+    dw = next(s for s in seen if s.op == "depthwise")
+    assert (dw.kernel, dw.stride, dw.padding, dw.in_channels) == (3, 1, 1, dw.out_channels)
+    assert len(seen) == len(set(seen))  # each layer shape timed once for both plans
 
     ref = compile_onnx(mixed_onnx, "host", tmp_path / "i8.apq")
     art, art_ref = open_artifact(res.artifact_path), open_artifact(ref.artifact_path)

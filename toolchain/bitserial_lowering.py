@@ -132,9 +132,9 @@ class BitserialPolicy:
     :func:`apq.kernels.bitserial.schedule_fused_pointwise` schedules the result; off (or other
     targets), they are opaque, pre-scheduled kernels with the epilogue as a kernel of its own.
     ``select``: ``"bits"`` moves every layer the rules admit; ``"measured"`` also times each
-    admitted pointwise layer's bit-serial kernel against the target's int8 kernel on this machine
-    and keeps it bit-serial only where that is faster (:mod:`apq.kernels.kernel_choice`; host
-    target only). Other op kinds follow the rules either way.
+    admitted pointwise and depthwise layer's bit-serial kernel against the target's int8 kernel on
+    this machine and keeps it bit-serial only where that is faster (:mod:`apq.kernels.kernel_choice`;
+    host target only). Dense layers follow the rules either way.
     """
 
     enabled: bool = True
@@ -440,18 +440,20 @@ def make_chooser(target_spec: Any, policy: BitserialPolicy, nhwc_int8: bool = Tr
 
 
 def _measured_choice(call: Any, d: LayerDecision, chooser: Any) -> None:
-    """Time an admitted pointwise layer's two kernels; move it back to int8 when that is faster."""
-    from apq.kernels.kernel_choice import PointwiseLayer
+    """Time an admitted layer's two kernels (kernels/kernel_choice.py); move it back to int8 when
+    that is faster. Op kinds the module cannot time keep the rules' decision."""
+    from apq.kernels.kernel_choice import MEASURED_OPS, ConvLayer
 
-    if d.op != "pointwise":
-        d.reason = "policy (select=measured times pointwise layers only)"
+    if d.op not in MEASURED_OPS:
+        d.reason = f"policy (select=measured times {' and '.join(MEASURED_OPS)} layers only)"
         return
     _, c, h, w = static_shape(call.args[0])
-    timing = chooser.pointwise(PointwiseLayer(h, w, c, int(const_value(call.args[1]).shape[0]),
-                                              int(call.attrs.strides[0]), d.a_bits, d.w_bits, d.weight_mode))
+    o, _, k, _ = const_value(call.args[1]).shape  # OIHW
+    timing = chooser.timing(ConvLayer(d.op, h, w, c, int(o), int(k), int(call.attrs.strides[0]),
+                                      int(call.attrs.padding[0]), d.a_bits, d.w_bits, d.weight_mode))
     d.measured = timing.to_json()
     d.reason = timing.summary()
-    chooser.log[d.layer or f"#{d.index}"] = {"index": d.index, "layer": d.layer, "a_bits": d.a_bits,
+    chooser.log[d.layer or f"#{d.index}"] = {"index": d.index, "layer": d.layer, "op": d.op, "a_bits": d.a_bits,
                                              "w_bits": d.w_bits, **d.measured}
     if timing.kernel != "bitserial":
         d.bitserial, d.weight_mode, d.a_offset = False, "", 0
@@ -635,7 +637,7 @@ def read_decisions(mod: Any) -> list[LayerDecision]:
 
 def kernel_choice_report(mod: Any) -> list[dict[str, Any]]:
     """The measured kernel choices (BitserialPolicy.select "measured") stored on ``mod`` by
-    :func:`attach_kernel_choices`: per pointwise layer its bits, both kernels' times and the kernel
+    :func:`attach_kernel_choices`: per measured layer its bits, both kernels' times and the kernel
     chosen, for the artifact's manifest; [] when none were measured."""
     if mod.attrs is None or KERNEL_CHOICE_ATTR not in mod.attrs:
         return []

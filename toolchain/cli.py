@@ -66,7 +66,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="keep TVM's fake-quant float execution of QDQ models (for comparison)")
     p.add_argument("--bitserial", choices=["auto", "on", "off", "measured"], default="auto",
                    help="run <=4-bit layers on bit-serial kernels (auto: on for bitfusion, off on CPUs; "
-                        "measured: per pointwise layer the faster of its bit-serial and int8 kernels, both "
+                        "measured: per pointwise / depthwise layer the faster of its bit-serial and int8 kernels, both "
                         "timed here: host target only, timings cached per target under "
                         "$APQ_CACHE_DIR/kernel_choice)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
@@ -144,10 +144,10 @@ def _print_kernel_choice(choices: list[dict]) -> None:
     """One line per measured pointwise layer and a count (apq compile --bitserial measured)."""
     fmt = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f} us"  # noqa: E731
     for c in choices:
-        print(f"  kernel choice: {c['layer'] or '#' + str(c['index'])} a{c['a_bits']}w{c['w_bits']}: bit-serial "
+        print(f"  kernel choice: {c['layer'] or '#' + str(c['index'])} ({c['op']}) a{c['a_bits']}w{c['w_bits']}: bit-serial "
               f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} (measured)")
     n_bs = sum(c["kernel"] == "bitserial" for c in choices)
-    print(f"kernel choice: {n_bs} of {len(choices)} low-bit pointwise layers run bit-serial, the rest int8")
+    print(f"kernel choice: {n_bs} of {len(choices)} measured low-bit layers run bit-serial, the rest int8")
 
 
 def _print_layers(layers: list[dict]) -> None:
