@@ -18,8 +18,9 @@ apq on the mixed file: the question "is apq's mixed model faster than what onnxr
 int8 model?") and ``apq_int8_path_ms`` (apq on the mixed file with the bit-serial pass disabled:
 what the bit-serial kernels themselves buy; ``int8_path_vs_bitserial`` is the per-round ratio
 mixed / int8 path), ``apq_measured_ms`` / ``measured_speedup_vs_ort_int8`` /
-``measured_bitserial_layers`` (``--bitserial measured``: per pointwise layer the faster of its
-bit-serial and int8 kernels, timed on this machine, kernels/kernel_choice.py); the first policy also ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the
+``measured_bitserial_layers`` (``--bitserial measured``: per pointwise or depthwise layer the
+faster of its bit-serial and int8 kernels, timed on this machine, kernels/kernel_choice.py); the
+first policy also ``apq_transposing_ms`` / ``apq_nchw_depthwise_ms`` (the
 bit-serial build without the NHWC-run layout pass / with it but int8 depthwise convs left NCHW, see
 toolchain/layout.py) and ``apq_opaque_epilogues_ms`` (pointwise bit-serial kernels opaque, each
 requantize epilogue a kernel of its own: BitserialPolicy.fuse_epilogues off). ``--transposes``
@@ -148,7 +149,7 @@ def kernel_groups(art, threads: int, cfg) -> dict[str, float]:
 #: (None: bit-serial lowering off, the layers on the int8 kernels).
 MIXED_VARIANTS: dict[str, dict[str, Any] | None] = {
     "apq_int8_path_ms": None,  # what the bit-serial kernels themselves buy
-    # per pointwise layer the faster of its bit-serial and int8 kernels, timed on this machine
+    # per pointwise or depthwise layer the faster of its bit-serial and int8 kernels, timed on this machine
     # (apq compile --bitserial measured, kernels/kernel_choice.py)
     "apq_measured_ms": {"select": "measured"},
     "apq_transposing_ms": {"nhwc_runs": False},  # transposes around every bit-serial kernel

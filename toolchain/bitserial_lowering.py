@@ -401,9 +401,12 @@ def _plan(mod: Any, policy: BitserialPolicy | None, func_name: str,
     names = {k: str(v) for k, v in _module_attr(mod, WEIGHT_NAMES_ATTR).items()}
     plan = [(c, decide(c, i, len(calls), producers, declared, policy, names)) for i, c in enumerate(calls)]
     if policy.select == "measured":
-        for c, d in plan:
-            if d.bitserial:
-                _measured_choice(c, d, chooser)
+        from tqdm import tqdm
+
+        admitted = [(c, d) for c, d in plan if d.bitserial]
+        # timing is ~1 s per new layer shape (cached ones are instant); disable=None: a bar on a terminal only
+        for c, d in tqdm(admitted, desc="apq kernel choice", unit="layer", disable=None, leave=False):
+            _measured_choice(c, d, chooser)
     return plan
 
 

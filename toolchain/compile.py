@@ -49,7 +49,7 @@ class CompileOptions:
     lower_qdq: bool = True  # lower QDQ chains to integer kernels (False: keep TVM's fake-quant float)
     # which <= 4-bit integer layers run bit-serial (toolchain/bitserial_lowering.py); None = the
     # target's default: on for the bit-serial accelerator (`bitfusion`), off on CPUs, where apq's int8
-    # kernels are faster at the bits that keep accuracy (W2A2 on VNNI: 0.55-0.77x, bench/kernels.py,
+    # kernels are faster at the bits that keep accuracy (W2A2 pointwise on VNNI: 0.40-0.61x of int8,
     # kernels/kernel_choice.py). BitserialPolicy(select="measured") decides per layer by timing both.
     bitserial: BitserialPolicy | None = None
     # MetaSchedule trials for the final artifact (kernels/tuning.py); 0 = apq's schedules only.
@@ -139,7 +139,7 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         # zero-point-0 activations and int32 accumulators.
         vnni = "avx512vnni" in target.features
         nhwc = vnni and options.int8_layout == "NHWC"
-        # --bitserial measured: each admitted pointwise layer's bit-serial and int8 kernels timed
+        # --bitserial measured: each admitted pointwise / depthwise layer's bit-serial and int8 kernels timed
         # here (kernels/kernel_choice.py, cached per target); one chooser for both plans below
         chooser = make_chooser(target, policy, nhwc) if bitserial else None
         plain = bitserial_weights(lower_qdq(mod, hints), policy, chooser=chooser) if bitserial else frozenset()
