@@ -18,8 +18,9 @@ What is timed, for one layer (:class:`ConvLayer`: shape, kernel, stride, padding
   NCHW ``u8 x s8 -> i32`` conv through apq's CPU pipeline (an approximation for depthwise convs,
   which the NCHW int8 path accumulates in float32).
 
-Both get the same random a-bit activations and w-bit weights and must produce the same int32
-accumulators (exact; a mismatch keeps the layer on int8 and is reported). Both write int32
+Both get the same random a-bit activations and w-bit weights; the bit-serial kernel's int32
+accumulators must equal the exact NumPy result (:func:`reference_output`), or the layer stays int8
+and the mismatch is reported. Both write int32
 accumulators and neither includes the requantize epilogue, which is the same per output on both
 paths and fused into either kernel in a model: an equal cost on both sides, so the order of the
 two times holds, while their ratio is pulled towards 1 on layers whose int32 output traffic is
@@ -27,6 +28,13 @@ large. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rou
 Results are cached per target like knob choices (``<cache>/kernel_choice/<target key>.json``), so
 a recompile times nothing and every compile on this machine decides the same way. The key has no
 kernel version: bump :data:`CACHE_VERSION` when a kernel changes.
+
+Where: on this machine for the host target; for a board target (a Raspberry Pi, cross-compiled)
+on the board itself, over TVM RPC (:class:`Board`, ``apq compile --rpc-tracker HOST:PORT --rpc-key
+KEY``): each kernel is exported for the target, uploaded, run once (its output copied back for the
+exactness check) and timed by the board's own ``time_evaluator``, as ``apq profile`` times a model
+there. Board timings are cached under the board's name. Timing a cross target here (under qemu)
+would measure the emulator, so that is refused.
 """
 
 from __future__ import annotations
@@ -94,6 +102,7 @@ class KernelTiming:
     exact: bool
     kernel: str
     error: str = ""  # why nothing was timed (a kernel failed to build or run)
+    device: str = "local"  # where: "local" (this machine) or the board (rpc:KEY@HOST:PORT)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "source": "measured"}
@@ -101,7 +110,7 @@ class KernelTiming:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "KernelTiming":
         return KernelTiming(d.get("bitserial_ms"), d.get("int8_ms"), bool(d.get("exact")), str(d["kernel"]),
-                            str(d.get("error", "")))
+                            str(d.get("error", "")), str(d.get("device", "local")))
 
     def summary(self) -> str:
         """A reason line for the layer's decision."""
@@ -153,11 +162,37 @@ _NHWC_INT8_REWRITES = {"pointwise": "pack_pointwise_convs", "depthwise": "pack_d
 _REGISTRY_OPS = {"pointwise": "conv2d", "depthwise": "depthwise_conv2d"}
 
 
-def _bitserial_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: Any, arch: str):
-    """(module, args, output reader) of the scheduled bit-serial kernel the lowering would emit
-    (the same registry entry and builder), NHWC int32 output."""
-    import tvm
+@dataclass(frozen=True)
+class Board:
+    """A board behind a TVM RPC tracker (apq.targets.rpc) to time kernels on, instead of here."""
 
+    host: str
+    port: int
+    key: str
+
+    def name(self) -> str:
+        from apq.targets.rpc import remote_device_name
+
+        return remote_device_name(self.key, self.host, self.port)
+
+
+def reference_output(layer: ConvLayer, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The exact int32 NHWC result of the layer (NumPy, int64 sums): what both kernels must give."""
+    p, s, k = layer.padding, layer.stride, layer.kernel
+    xp = np.pad(x.astype(np.int64), ((0, 0), (p, p), (p, p), (0, 0)))
+    oh, ow = layer.out_hw
+    out = np.zeros((1, oh, ow, layer.out_channels), np.int64)
+    for i in range(k):
+        for j in range(k):
+            window = xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+            tap = w[i, j].astype(np.int64)  # (IC, OC), depthwise (1, C)
+            out += window * tap[0] if layer.op == "depthwise" else np.einsum("nhwc,co->nhwo", window, tap)
+    return out.astype(np.int32)
+
+
+def _bitserial_kernel(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: Any, arch: str):
+    """(scheduled PrimFunc, its arguments: x, packed weights, zeroed output) of the bit-serial
+    kernel the lowering would emit for this layer (the same registry entry and builder)."""
     from apq.kernels import bitserial
     from apq.kernels.registry import find_kernel
 
@@ -166,30 +201,25 @@ def _bitserial_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: An
     wp = _packed_weights(layer, w)
     spec = find_kernel(_REGISTRY_OPS[layer.op], layer.a_bits, layer.w_bits, arch)
     func = spec.builder(x.shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=True)
-    lib = bitserial.build(func, target)
-    out = np.zeros((1, *layer.out_hw, layer.out_channels), "int32")
-    args = [tvm.runtime.tensor(x), tvm.runtime.tensor(wp), tvm.runtime.tensor(out)]
-    return lib, args, lambda: args[2].numpy()
+    return func, [x, wp, np.zeros((1, *layer.out_hw, layer.out_channels), "int32")]
 
 
-def _int8_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, nhwc: bool, target: Any):
-    """(kernels, output) of apq's int8 conv for this layer: ``kernels`` are the scheduled
-    PrimFuncs the build runs, each built alone with its own random arguments (timed directly, as
-    the bit-serial kernel is: no VM dispatch in either time); ``output`` the NHWC int32 result of
-    the whole compiled module on ``x`` (for the exactness check). On the NHWC int8 layout the
-    conv gets the rewrite toolchain/int8_layout.py gives it (packed-weight ``vpdpbusd`` kernels)."""
-    import tvm
+def _int8_kernels(layer: ConvLayer, w: np.ndarray, nhwc: bool, target: Any) -> list[tuple[Any, list[np.ndarray]]]:
+    """The scheduled PrimFuncs apq's int8 path builds for this layer on ``target``, each with its
+    own random arguments: a one-conv Relax module through apq's pipeline, with the rewrite
+    toolchain/int8_layout.py gives it on the NHWC int8 layout (packed-weight ``vpdpbusd``)."""
     from tvm import relax, tirx
 
-    from apq.kernels.knob_tuning import _build, _random_args
+    from apq.kernels.knob_tuning import _random_args
     from apq.kernels.pipeline import compile_relax
     from apq.toolchain.kernel_impl import capture_scheduled
 
-    xin = x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    shape = (1, layer.height, layer.width, layer.in_channels)
+    xshape = shape if nhwc else (1, layer.in_channels, layer.height, layer.width)
     wk = w if nhwc else np.ascontiguousarray(w.transpose(3, 2, 0, 1))
     layouts = {"data_layout": "NHWC", "kernel_layout": "HWIO"} if nhwc else {}
     bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(list(xin.shape), "uint8"))
+    xv = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
     with bb.function("main", [xv]):
         with bb.dataflow():
             groups = layer.out_channels if layer.op == "depthwise" else 1
@@ -203,47 +233,114 @@ def _int8_runner(layer: ConvLayer, x: np.ndarray, w: np.ndarray, nhwc: bool, tar
 
         mod, _ = getattr(int8_layout, _NHWC_INT8_REWRITES[layer.op])(mod)
     with capture_scheduled() as cap:
-        vm = relax.VirtualMachine(compile_relax(mod, target), tvm.cpu())
-    y = vm["main"](tvm.runtime.tensor(xin)).numpy()
-    kernels = []
-    for _, f in (cap.module.functions_items() if cap.module is not None else []):
-        if isinstance(f, tirx.PrimFunc):
-            kernels.append((_build(f, target), [tvm.runtime.tensor(a) for a in _random_args(f, 0)]))
-    return kernels, (y if nhwc else y.transpose(0, 2, 3, 1))
+        compile_relax(mod, target)
+    funcs = [f for _, f in cap.module.functions_items() if isinstance(f, tirx.PrimFunc)] if cap.module else []
+    return [(f, _random_args(f, 0)) for f in funcs]
 
 
-def time_layer(layer: ConvLayer, target: Any, nhwc: bool, cfg: Any = None) -> KernelTiming:
-    """Build, check and time both kernels of ``layer`` on this machine (see the module docstring)."""
+def _interleaved_best(kinds: dict[str, list[Callable[[], float]]], rounds: int) -> dict[str, float]:
+    """Each kind's time: the sum of its kernels' best-repeat times, the best over ``rounds``
+    interleaved rounds."""
+    from apq.kernels.interleaved import interleaved_samples
+
+    samples = interleaved_samples(list(kinds), rounds, lambda k: sum(t() for t in kinds[k]))
+    return {k: round(min(v), 6) for k, v in samples.items()}
+
+
+def _time_here(kernels: dict[str, list[tuple[Any, list[np.ndarray]]]], target: Any, cfg: Any):
+    """(times in ms per kind, the bit-serial kernel's output): every kernel built and run here."""
     import tvm
 
-    from apq.kernels.interleaved import interleaved_samples
-    from apq.kernels.knob_tuning import KnobTuneConfig, _set_threads
-    from apq.targets.registry import get_target
+    from apq.kernels.knob_tuning import _build, _set_threads
 
-    cfg = cfg or KnobTuneConfig()
-    x, w = _random_operands(layer)
     dev = tvm.cpu()
-    with target:
-        bs_lib, bs_args, bs_out = _bitserial_runner(layer, x, w, target, get_target("host").arch)
-        i8_kernels, i8_out = _int8_runner(layer, x, w, nhwc, target)
-    bs_lib["main"](*bs_args)
-    exact = bool(np.array_equal(bs_out(), i8_out)) and bool(i8_kernels)
-
-    def best_ms(kind: str) -> float:
-        runs = [(bs_lib, bs_args)] if kind == "bitserial" else i8_kernels
-        total = 0.0
-        for lib, args in runs:
+    timers: dict[str, list[Callable[[], float]]] = {}
+    bs_out = None
+    for kind, entries in kernels.items():
+        timers[kind] = []
+        for func, arrays in entries:
+            lib, args = _build(func, target), [tvm.runtime.tensor(a, dev) for a in arrays]
+            lib["main"](*args)
+            if kind == "bitserial":
+                bs_out = args[-1].numpy()
             ev = lib.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat, min_repeat_ms=cfg.min_repeat_ms)
-            total += min(ev(*args).results) * 1e3
-        return total
-
+            timers[kind].append(lambda ev=ev, args=args: min(ev(*args).results) * 1e3)
     restore = _set_threads(cfg.threads)
     try:
-        samples = interleaved_samples(["bitserial", "int8"], cfg.rounds, best_ms)
+        return _interleaved_best(timers, cfg.rounds), bs_out
     finally:
         _set_threads(restore)
-    bs_ms, i8_ms = round(min(samples["bitserial"]), 6), round(min(samples["int8"]), 6)
-    return KernelTiming(bs_ms, i8_ms, exact, choose(bs_ms, i8_ms, exact))
+
+
+def _export(func: Any, spec: Any, path: Path) -> None:
+    """One PrimFunc as a shared library for the target (cross-compiled for a board)."""
+    import tvm
+
+    from apq.kernels.stack_alloc import tir_pipeline
+
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), spec.tvm(),
+                     tir_pipeline=tir_pipeline())
+    if spec.is_cross:
+        from tvm.support import cc
+
+        ex.export_library(str(path), fcompile=cc.cross_compiler(spec.cross_compiler))
+    else:
+        ex.export_library(str(path))
+
+
+def _time_on_board(kernels: dict[str, list[tuple[Any, list[np.ndarray]]]], spec: Any, board: Board, cfg: Any):
+    """:func:`_time_here` on a board: each kernel exported for the target, uploaded, run and
+    timed with the board's own ``time_evaluator`` (apq.targets.rpc)."""
+    import tvm
+
+    from apq.targets import rpc
+
+    with tempfile.TemporaryDirectory(prefix="apq-kernel-choice-") as tmp:
+        paths = {kind: [] for kind in kernels}
+        for kind, entries in kernels.items():
+            for i, (func, _) in enumerate(entries):
+                path = Path(tmp) / f"{kind}_{i}.so"
+                _export(func, spec, path)
+                paths[kind].append(path)
+
+        def work(remote: Any) -> tuple[dict[str, float], np.ndarray | None]:
+            rpc._remote_threads(remote, cfg.threads)
+            dev = remote.cpu()
+            timers: dict[str, list[Callable[[], float]]] = {}
+            bs_out = None
+            for kind, entries in kernels.items():
+                timers[kind] = []
+                for path, (_, arrays) in zip(paths[kind], entries):
+                    rlib = rpc._upload_and_load(remote, path, path.name)
+                    args = [tvm.runtime.tensor(a, device=dev) for a in arrays]
+                    rlib["main"](*args)
+                    if kind == "bitserial":
+                        bs_out = args[-1].numpy()
+                    ev = rlib.time_evaluator("main", dev, number=cfg.number, repeat=cfg.repeat,
+                                             min_repeat_ms=cfg.min_repeat_ms)
+                    timers[kind].append(lambda ev=ev, args=args: min(ev(*args).results) * 1e3)
+            return _interleaved_best(timers, cfg.rounds), bs_out
+
+        return rpc.on_board(board.host, board.port, board.key, work)
+
+
+def time_layer(layer: ConvLayer, spec: Any, nhwc: bool, cfg: Any = None, board: Board | None = None) -> KernelTiming:
+    """Build, check and time both kernels of ``layer`` for target ``spec`` (a TargetSpec): here,
+    or on ``board`` (see the module docstring). Exact = the bit-serial kernel's output equals
+    :func:`reference_output` (the int8 path's exactness is what the rest of apq's tests check)."""
+    from apq.kernels.knob_tuning import KnobTuneConfig
+
+    cfg = cfg or KnobTuneConfig()
+    target = spec.tvm()
+    x, w = _random_operands(layer)
+    with target:
+        kernels = {"bitserial": [_bitserial_kernel(layer, x, w, target, spec.arch)],
+                   "int8": _int8_kernels(layer, w, nhwc, target)}
+    times, bs_out = (_time_here(kernels, target, cfg) if board is None
+                     else _time_on_board(kernels, spec, board, cfg))
+    exact = bs_out is not None and bool(kernels["int8"]) and bool(np.array_equal(bs_out, reference_output(layer, x, w)))
+    bs_ms, i8_ms = times["bitserial"], times["int8"]
+    return KernelTiming(bs_ms, i8_ms, exact, choose(bs_ms, i8_ms, exact), device=board.name() if board else "local")
 
 
 # --------------------------------------------------------------------------- the cache and the chooser
@@ -285,26 +382,36 @@ def save_cache(path: Path, new: dict[str, KernelTiming], target: Any | None = No
         os.replace(tmp, path)
 
 
-def check_measurable(spec: Any) -> None:
-    """One-line refusal for targets whose kernels cannot be timed on this machine."""
+def check_measurable(spec: Any, board: Board | None = None) -> None:
+    """One-line refusal for targets whose kernels cannot be timed: here (without a board) only
+    the host; on a board any LLVM CPU target (not the simulator)."""
     from apq.kernels.knob_tuning import tunable
 
+    if board is not None:
+        if spec.tvm_target.get("kind") != "llvm" or spec.executor == "simulator":
+            raise InvalidInputError(f"cannot measure kernel choices for target {spec.name}: it has no CPU kernels "
+                                    "to time")
+        return
     if not tunable(spec):
-        raise InvalidInputError(f"cannot measure kernel choices for target {spec.name}: the bit-serial and int8 "
-                                "kernels are timed on this machine, so --bitserial measured needs the host target")
+        raise InvalidInputError(f"cannot measure kernel choices for target {spec.name} on this machine: "
+                                "--bitserial measured times kernels here (host target) or on a board "
+                                "(--rpc-tracker HOST:PORT --rpc-key KEY)")
 
 
 class KernelChooser:
-    """Per-layer kernel choices for one compile: cached on disk, timed once per new layer shape.
+    """Per-layer kernel choices for one compile: cached on disk, timed once per new layer shape,
+    here or on ``board``.
 
     ``measure`` replaces :func:`time_layer` (tests count its calls). ``timed`` / ``cached``
-    count this chooser's lookups.
+    count this chooser's lookups. A board that cannot be reached raises (one line, the compile
+    stops); a kernel that fails to build or run keeps its layer int8 and is not cached.
     """
 
     def __init__(self, spec: Any, nhwc: bool, cache_dir: Path | None = None,
-                 measure: Callable[..., KernelTiming] | None = None) -> None:
-        check_measurable(spec)
-        self.spec, self.nhwc = spec, nhwc and "avx512vnni" in spec.features
+                 measure: Callable[..., KernelTiming] | None = None, board: Board | None = None) -> None:
+        check_measurable(spec, board)
+        self.spec, self.board = spec, board
+        self.nhwc = nhwc and "avx512vnni" in spec.features
         self.path = cache_file(spec.tvm(), cache_dir)
         self.entries = load_cache(self.path)
         self.measure = measure or time_layer
@@ -319,16 +426,22 @@ class KernelChooser:
         return "int8-nhwc-vnni" if self.nhwc else "int8-nchw"
 
     def timing(self, layer: ConvLayer) -> KernelTiming:
-        key = layer.key(self.int8_form)
+        from apq.toolchain.errors import ApqError
+
+        key = layer.key(self.int8_form) + (f" on {self.board.name()}" if self.board else "")
         if key in self.entries:
             self.cached += 1
             return self.entries[key]
         t0 = time.perf_counter()
         try:
-            timing = self.measure(layer, self.spec.tvm(), self.nhwc)
-        except Exception as e:  # noqa: BLE001 -- a kernel that cannot be built or run here is no choice
-            timing = KernelTiming(None, None, False, "int8", " ".join(str(e).split())[:200])
-        self.seconds += time.perf_counter() - t0
+            timing = self.measure(layer, self.spec, self.nhwc, board=self.board)
+        except ApqError:
+            raise  # an unreachable board, a library the board refuses: the user's one-line error
+        except Exception as e:  # noqa: BLE001 -- a kernel that cannot be built or run is no choice
+            return KernelTiming(None, None, False, "int8", " ".join(str(e).split())[:200],
+                                self.board.name() if self.board else "local")
+        finally:
+            self.seconds += time.perf_counter() - t0
         self.timed += 1
         self.entries[key] = timing
         save_cache(self.path, {key: timing}, self.spec.tvm())

@@ -23,6 +23,7 @@ from apq.kernels.kernel_choice import KernelChooser, KernelTiming, ConvLayer, ch
 from apq.targets.registry import get_target  # noqa: E402
 from apq.toolchain.bitserial_lowering import BitserialPolicy  # noqa: E402
 from apq.toolchain.errors import InvalidInputError  # noqa: E402
+from test_rpc import board  # noqa: E402,F401  (the loopback tracker + board fixture)
 
 
 def test_choose_needs_an_exact_and_clearly_faster_bitserial_kernel() -> None:
@@ -43,7 +44,7 @@ def test_choose_needs_an_exact_and_clearly_faster_bitserial_kernel() -> None:
 def test_real_measurement_builds_both_kernels_and_they_agree(layer: ConvLayer) -> None:
     spec = get_target("host")
     nhwc = "avx512vnni" in spec.features
-    t = kernel_choice.time_layer(layer, spec.tvm(), nhwc)
+    t = kernel_choice.time_layer(layer, spec, nhwc)
     assert t.exact, t
     assert t.bitserial_ms is not None and t.bitserial_ms > 0 and t.int8_ms is not None and t.int8_ms > 0
     assert t.kernel == choose(t.bitserial_ms, t.int8_ms, True)
@@ -53,7 +54,7 @@ def test_real_measurement_builds_both_kernels_and_they_agree(layer: ConvLayer) -
 def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
     calls: list[ConvLayer] = []
 
-    def fake(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
+    def fake(layer: ConvLayer, spec, nhwc: bool, **_) -> KernelTiming:
         calls.append(layer)
         return KernelTiming(1.0, 2.0, True, "bitserial")
 
@@ -73,7 +74,7 @@ def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
 
 
 def test_a_kernel_that_fails_keeps_the_layer_int8_and_says_why(tmp_path: Path) -> None:
-    def broken(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
+    def broken(layer: ConvLayer, spec, nhwc: bool, **_) -> KernelTiming:
         raise RuntimeError("LLVM said no\n  at line 3")
 
     t = KernelChooser(get_target("host"), True, tmp_path, measure=broken).timing(
@@ -108,7 +109,7 @@ def test_measured_policy_follows_the_timings_and_stays_bit_identical(mixed_onnx:
 
     seen: list[ConvLayer] = []
 
-    def fake(layer: ConvLayer, target, nhwc: bool) -> KernelTiming:
+    def fake(layer: ConvLayer, spec, nhwc: bool, **_) -> KernelTiming:
         seen.append(layer)
         fast = layer.w_bits == 2 and layer.op == "pointwise"
         return KernelTiming(0.5 if fast else 2.0, 1.0, True, "bitserial" if fast else "int8")
@@ -148,3 +149,49 @@ def test_measured_choice_refuses_targets_it_cannot_time(mixed_onnx: Path, tmp_pa
                "-o", str(tmp_path / "pi.apq")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "host target" in err and "Traceback" not in err
+
+
+def test_rpc_options_need_the_measured_choice_and_both_halves(mixed_onnx: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from apq.toolchain.cli import main
+
+    for extra in (["--rpc-tracker", "127.0.0.1:9190", "--rpc-key", "pi"], ["--bitserial", "measured", "--rpc-key", "pi"]):
+        rc = main(["compile", str(mixed_onnx), "-o", str(tmp_path / "x.apq"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1 and "rpc" in err.lower() and "Traceback" not in err
+
+
+def test_an_unreachable_board_stops_the_compile_with_one_line(mixed_onnx: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_rpc import _free_port
+
+    from apq.toolchain.cli import main
+
+    monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["compile", str(mixed_onnx), "-o", str(tmp_path / "x.apq"), "--target", "raspberry-pi/4b-aarch64",
+               "--bitserial", "measured", "--rpc-tracker", f"127.0.0.1:{_free_port()}", "--rpc-key", "pi"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "tracker" in err and "Traceback" not in err
+    assert not (tmp_path / "x.apq").exists()
+    assert not list((tmp_path / "cache").rglob("*.json"))  # nothing cached for an unreachable board
+
+
+def test_kernels_are_timed_on_a_board_over_rpc(board, tmp_path: Path) -> None:  # noqa: F811 (fixture)
+    """The same measurement on a TVM RPC board (here a real tracker + server on loopback): both
+    kernels uploaded and timed there, the bit-serial output exact, the device named, and the
+    cache keyed by the board."""
+    from test_rpc import KEY
+
+    from apq.kernels.kernel_choice import Board
+
+    spec = get_target("host")
+    remote = Board(*board, KEY)
+    layer = ConvLayer("pointwise", 8, 8, 64, 32, 1, 1, 0, 1, 1, "bipolar")
+    t = kernel_choice.time_layer(layer, spec, "avx512vnni" in spec.features, board=remote)
+    assert t.exact and t.device == f"rpc:{KEY}@{board[0]}:{board[1]}", t
+    assert t.bitserial_ms > 0 and t.int8_ms > 0 and t.kernel == choose(t.bitserial_ms, t.int8_ms, True)
+    chooser = KernelChooser(get_target("raspberry-pi/4b-aarch64"), False, tmp_path, board=remote,
+                            measure=lambda *a, **k: t)
+    assert chooser.timing(layer).device == t.device
+    assert all(key.endswith(f"on {t.device}") for key in json.loads(chooser.path.read_text())["entries"])

@@ -431,15 +431,16 @@ def bitserial_weights(mod: Any, policy: BitserialPolicy | None = None, func_name
                      if d.bitserial)
 
 
-def make_chooser(target_spec: Any, policy: BitserialPolicy, nhwc_int8: bool = True) -> Any:
+def make_chooser(target_spec: Any, policy: BitserialPolicy, nhwc_int8: bool = True, board: Any = None) -> Any:
     """The kernel chooser a ``"measured"`` policy needs (None for ``"bits"``); one per compile, so
     the plain-lowering plan and :func:`lower_bitserial` see the same timings. ``nhwc_int8``: the
-    int8 layers of this build run in NHWC (CompileOptions.int8_layout)."""
+    int8 layers of this build run in NHWC (CompileOptions.int8_layout); ``board``: a
+    :class:`apq.kernels.kernel_choice.Board` to time on instead of this machine."""
     if policy.select != "measured" or not policy.enabled:
         return None
     from apq.kernels.kernel_choice import KernelChooser
 
-    return KernelChooser(target_spec, nhwc_int8)
+    return KernelChooser(target_spec, nhwc_int8, board=board)
 
 
 def _measured_choice(call: Any, d: LayerDecision, chooser: Any) -> None:

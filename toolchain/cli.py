@@ -66,9 +66,13 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="keep TVM's fake-quant float execution of QDQ models (for comparison)")
     p.add_argument("--bitserial", choices=["auto", "on", "off", "measured"], default="auto",
                    help="run <=4-bit layers on bit-serial kernels (auto: on for bitfusion, off on CPUs; "
-                        "measured: per pointwise / depthwise layer the faster of its bit-serial and int8 kernels, both "
-                        "timed here: host target only, timings cached per target under "
-                        "$APQ_CACHE_DIR/kernel_choice)")
+                        "measured: per pointwise / depthwise layer the faster of its bit-serial and int8 kernels, "
+                        "both timed here (host target) or on a board (--rpc-tracker, --rpc-key); timings cached "
+                        "per target under $APQ_CACHE_DIR/kernel_choice)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="with --bitserial measured: time the kernels on a board behind this TVM RPC tracker "
+                        "(with --rpc-key) instead of on this machine")
+    p.add_argument("--rpc-key", metavar="KEY", help="the board's key at --rpc-tracker")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="MetaSchedule-tune the kernels with N trials (cached per target under "
                         "$APQ_CACHE_DIR/tuning; a recompile reuses the records); 0: apq's schedules only. "
@@ -102,7 +106,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
               "measured": BitserialPolicy(select="measured")}[args.bitserial]
     options = CompileOptions(target=args.target, lower_qdq=not args.no_lower_qdq, bitserial=policy,
                              tune_trials=args.tune_trials, knob_tune=args.knob_tune, float_layout=args.float_layout,
-                             int8_layout=args.int8_layout, fuse_blocks=not args.no_fuse_blocks)
+                             int8_layout=args.int8_layout, fuse_blocks=not args.no_fuse_blocks,
+                             rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+    if (args.rpc_tracker or args.rpc_key) and args.bitserial != "measured":
+        raise InvalidInputError("--rpc-tracker / --rpc-key time kernels for --bitserial measured; "
+                                "to time a compiled artifact on a board use `apq profile`")
     res = compile_onnx(args.model, args.target, args.output, _shapes(args.input_shape), options,
                        progress=not args.json)
     report: dict[str, Any] = res.to_json()

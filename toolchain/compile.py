@@ -70,8 +70,14 @@ class CompileOptions:
     # (kernels/fuse_dw_pw.py; 224 px MobileNetV2 float, 1 thread: 1.20x -> 1.42x of onnxruntime).
     # False builds every conv as its own kernel, for comparison.
     fuse_blocks: bool = True
+    # the board `--bitserial measured` times kernels on (apq.targets.rpc): tracker HOST:PORT and key;
+    # None: on this machine (host target only)
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise InvalidInputError("timing kernels on a board needs both --rpc-tracker HOST:PORT and --rpc-key KEY")
         if self.float_layout not in FLOAT_LAYOUTS:
             raise InvalidInputError(f"unknown float layout {self.float_layout!r}; use one of {list(FLOAT_LAYOUTS)}")
         if self.int8_layout not in INT8_LAYOUTS:
@@ -85,6 +91,15 @@ class CompileOptions:
         d = dict(d)
         d["bitserial"] = BitserialPolicy.from_json(d["bitserial"]) if d.get("bitserial") is not None else None
         return CompileOptions(**d)
+
+    def kernel_choice_board(self):
+        """The :class:`apq.kernels.kernel_choice.Board` of ``rpc_tracker`` / ``rpc_key``, or None."""
+        if self.rpc_tracker is None:
+            return None
+        from apq.kernels.kernel_choice import Board
+        from apq.targets.rpc import parse_tracker
+
+        return Board(*parse_tracker(self.rpc_tracker), str(self.rpc_key))
 
     def bitserial_policy(self, target: TargetSpec) -> BitserialPolicy:
         if self.bitserial is not None:
@@ -141,7 +156,7 @@ def lower_module(mod, model, target: TargetSpec, options: CompileOptions):
         nhwc = vnni and options.int8_layout == "NHWC"
         # --bitserial measured: each admitted pointwise / depthwise layer's bit-serial and int8 kernels timed
         # here (kernels/kernel_choice.py, cached per target); one chooser for both plans below
-        chooser = make_chooser(target, policy, nhwc) if bitserial else None
+        chooser = make_chooser(target, policy, nhwc, options.kernel_choice_board()) if bitserial else None
         plain = bitserial_weights(lower_qdq(mod, hints), policy, chooser=chooser) if bitserial else frozenset()
         # float_accumulation: KxK integer convs (stem, depthwise) sum exactly in float32 when the
         # weights prove |acc| <= 2^24 (qdq_lowering.float_accumulation_is_exact); measured 224 px int8
