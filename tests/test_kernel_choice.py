@@ -195,3 +195,29 @@ def test_kernels_are_timed_on_a_board_over_rpc(board, tmp_path: Path) -> None:  
                             measure=lambda *a, **k: t)
     assert chooser.timing(layer).device == t.device
     assert all(key.endswith(f"on {t.device}") for key in json.loads(chooser.path.read_text())["entries"])
+
+
+def test_a_board_target_gets_its_own_kernels_cross_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a Raspberry Pi the comparison is between the Pi's kernels (the AArch64 bit-serial
+    kernel, the ARM int8 path), exported as aarch64 libraries for the board; what the board
+    would time is intercepted here (no board in this test)."""
+    from apq.kernels.kernel_choice import Board, _export
+    from apq.toolchain.profile import elf_arch
+
+    pi = get_target("raspberry-pi/4b-aarch64")
+    seen: dict[str, list] = {}
+
+    def fake_board(kernels, spec, board, cfg):
+        seen.update(kernels)
+        for kind, entries in kernels.items():
+            for i, (func, _) in enumerate(entries):
+                path = tmp_path / f"{kind}{i}.so"
+                _export(func, spec, path)
+                assert elf_arch(path) == "aarch64", (kind, i)
+        return {"bitserial": 1.0, "int8": 2.0}, None  # no output came back: cannot be called exact
+
+    monkeypatch.setattr(kernel_choice, "_time_on_board", fake_board)
+    t = kernel_choice.time_layer(ConvLayer("depthwise", 8, 8, 16, 16, 3, 1, 1, 2, 2, "signed"), pi, False,
+                                 board=Board("127.0.0.1", 9190, "pi"))
+    assert set(seen) == {"bitserial", "int8"} and seen["int8"]
+    assert not t.exact and t.kernel == "int8" and t.device == "rpc:pi@127.0.0.1:9190"

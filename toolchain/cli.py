@@ -153,7 +153,8 @@ def _print_kernel_choice(choices: list[dict]) -> None:
     fmt = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f} us"  # noqa: E731
     for c in choices:
         print(f"  kernel choice: {c['layer'] or '#' + str(c['index'])} ({c['op']}) a{c['a_bits']}w{c['w_bits']}: bit-serial "
-              f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} (measured)")
+              f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} "
+              f"(measured{'' if c.get('device', 'local') == 'local' else ' on ' + c['device']})")
     n_bs = sum(c["kernel"] == "bitserial" for c in choices)
     print(f"kernel choice: {n_bs} of {len(choices)} measured low-bit layers run bit-serial, the rest int8")
 
