@@ -207,7 +207,7 @@ def test_a_board_target_gets_its_own_kernels_cross_compiled(tmp_path: Path, monk
     pi = get_target("raspberry-pi/4b-aarch64")
     seen: dict[str, list] = {}
 
-    def fake_board(kernels, spec, board, cfg):
+    def fake_board(kernels, spec, remote, cfg):
         seen.update(kernels)
         for kind, entries in kernels.items():
             for i, (func, _) in enumerate(entries):
