@@ -117,7 +117,7 @@ class KernelTiming:
         if self.error:
             return f"measured: could not time the kernels ({self.error}), kept int8"
         if not self.exact:
-            return "measured: bit-serial and int8 outputs differed, kept int8"
+            return "measured: the bit-serial kernel's output was not the exact result, kept int8"
         fmt = lambda ms: "n/a" if ms is None else f"{ms:.3f} ms"  # noqa: E731
         return f"measured: bit-serial {fmt(self.bitserial_ms)}, int8 {fmt(self.int8_ms)}"
 

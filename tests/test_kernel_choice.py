@@ -30,7 +30,7 @@ def test_choose_needs_an_exact_and_clearly_faster_bitserial_kernel() -> None:
     assert choose(0.5, 1.0, True) == "bitserial"
     assert choose(0.99, 1.0, True) == "int8"  # within the margin: the simpler int8 path
     assert choose(2.0, 1.0, True) == "int8"
-    assert choose(0.1, 1.0, False) == "int8"  # outputs differed
+    assert choose(0.1, 1.0, False) == "int8"  # not the exact result
     assert choose(None, 1.0, True) == "int8"
     assert choose(0.1, None, True) == "bitserial"
 

@@ -149,12 +149,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _print_kernel_choice(choices: list[dict]) -> None:
-    """One line per measured pointwise layer and a count (apq compile --bitserial measured)."""
+    """One line per measured layer and a count (apq compile --bitserial measured)."""
     fmt = lambda ms: "n/a" if ms is None else f"{ms * 1e3:.1f} us"  # noqa: E731
     for c in choices:
-        print(f"  kernel choice: {c['layer'] or '#' + str(c['index'])} ({c['op']}) a{c['a_bits']}w{c['w_bits']}: bit-serial "
-              f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} "
-              f"(measured{'' if c.get('device', 'local') == 'local' else ' on ' + c['device']})")
+        name = c["layer"] or f"#{c['index']}"
+        where = "" if c.get("device", "local") == "local" else f" on {c['device']}"
+        print(f"  kernel choice: {name} ({c['op']}) a{c['a_bits']}w{c['w_bits']}: bit-serial "
+              f"{fmt(c.get('bitserial_ms'))}, int8 {fmt(c.get('int8_ms'))} -> {c['kernel']} (measured{where})")
     n_bs = sum(c["kernel"] == "bitserial" for c in choices)
     print(f"kernel choice: {n_bs} of {len(choices)} measured low-bit layers run bit-serial, the rest int8")
 
