@@ -221,3 +221,21 @@ def test_a_board_target_gets_its_own_kernels_cross_compiled(tmp_path: Path, monk
                                  board=Board("127.0.0.1", 9190, "pi"))
     assert set(seen) == {"bitserial", "int8"} and seen["int8"]
     assert not t.exact and t.kernel == "int8" and t.device == "rpc:pi@127.0.0.1:9190"
+
+
+def test_the_bench_records_both_kernels_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/kernel_choice.py on one small layer set: one record per layer and bit-width, with
+    both measured times and the choice."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_choice.py"
+    spec = importlib.util.spec_from_file_location("apq_bench_kernel_choice", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "LAYERS", [("pointwise", 8, 32, 16, 1, 1, 0), ("depthwise", 8, 16, 16, 3, 2, 1)])
+    records = bench.run(["pointwise", "depthwise"], [1, 2], "host")
+    assert [(r["op"], r["w_bits"]) for r in records] == [("pointwise", 1), ("pointwise", 2), ("depthwise", 1),
+                                                          ("depthwise", 2)]
+    for r in records:
+        assert r["exact"] and r["bitserial_ms"] > 0 and r["int8_ms"] > 0 and r["source"] == "measured"
+        assert r["chosen"] == choose(r["bitserial_ms"], r["int8_ms"], True)
