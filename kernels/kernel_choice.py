@@ -26,8 +26,9 @@ paths and fused into either kernel in a model: an equal cost on both sides, so t
 two times holds, while their ratio is pulled towards 1 on layers whose int32 output traffic is
 large. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rounds, best repeat).
 Results are cached per target like knob choices (``<cache>/kernel_choice/<target key>.json``), so
-a recompile times nothing and every compile on this machine decides the same way. The key has no
-kernel version: bump :data:`CACHE_VERSION` when a kernel changes.
+a recompile times nothing and every compile on this machine decides the same way. The file also
+records :func:`kernels_fingerprint` (apq's kernel sources and the TVM version): timings of other
+kernels than the ones installed now are discarded, not reused.
 
 Where: on this machine for the host target; for a board target (a Raspberry Pi, cross-compiled)
 on the board itself, over TVM RPC (:class:`Board`, ``apq compile --rpc-tracker HOST:PORT --rpc-key
@@ -39,6 +40,7 @@ would measure the emulator, so that is refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -354,12 +356,40 @@ def cache_file(target: Any, cache_dir: Path | None = None) -> Path:
     return knobs.parent.parent / "kernel_choice" / knobs.name
 
 
+#: the sources whose code the two timed kernels come from (apq.kernels, plus the int8 layout
+#: rewrites and the bit-serial lowering's packing conventions)
+_KERNEL_SOURCES = ("kernels", "toolchain/int8_layout.py", "toolchain/qdq_lowering.py")
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_fingerprint() -> str:
+    """A short hash of apq's kernel sources and the TVM version: a cached timing is only valid
+    for the kernels it timed, and any edit or upgrade may change them."""
+    import hashlib
+
+    import tvm
+
+    import apq.kernels
+
+    root = Path(apq.kernels.__file__).resolve().parent.parent
+    digest = hashlib.sha256(str(tvm.__version__).encode())
+    for name in _KERNEL_SOURCES:
+        path = root / name
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if f.is_file():
+                digest.update(f.relative_to(root).as_posix().encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_cache(path: Path) -> dict[str, KernelTiming]:
+    """Timings by key ({} when the file is missing, unreadable, of another version, or from
+    other kernels: :func:`kernels_fingerprint`)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    if data.get("version") != CACHE_VERSION:
+    if data.get("version") != CACHE_VERSION or data.get("kernels") != kernels_fingerprint():
         return {}
     return {k: KernelTiming.from_json(v) for k, v in data.get("entries", {}).items()}
 
@@ -372,7 +402,7 @@ def save_cache(path: Path, new: dict[str, KernelTiming], target: Any | None = No
     with _locked(path):
         entries = load_cache(path)
         entries.update(new)
-        doc: dict[str, Any] = {"version": CACHE_VERSION,
+        doc: dict[str, Any] = {"version": CACHE_VERSION, "kernels": kernels_fingerprint(),
                                "entries": {k: t.to_json() for k, t in sorted(entries.items())}}
         if target is not None:
             doc["target"] = str(target)

@@ -71,6 +71,24 @@ def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
     # another int8 path (NCHW int8 layout) is another comparison: timed again
     KernelChooser(spec, False, tmp_path, measure=fake).timing(layer)
     assert len(calls) == 2
+    assert doc["kernels"] == kernel_choice.kernels_fingerprint()
+
+
+def test_timings_of_other_kernels_are_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edited kernel source or another TVM changes the fingerprint: the file's timings go."""
+    calls: list[ConvLayer] = []
+
+    def fake(layer: ConvLayer, spec, nhwc: bool, **_) -> KernelTiming:
+        calls.append(layer)
+        return KernelTiming(1.0, 2.0, True, "bitserial")
+
+    spec, layer = get_target("host"), ConvLayer("pointwise", 7, 7, 64, 64, 1, 1, 0, 1, 1, "bipolar")
+    KernelChooser(spec, True, tmp_path, measure=fake).timing(layer)
+    KernelChooser(spec, True, tmp_path, measure=fake).timing(layer)
+    assert len(calls) == 1
+    monkeypatch.setattr(kernel_choice, "kernels_fingerprint", lambda: "another build")
+    KernelChooser(spec, True, tmp_path, measure=fake).timing(layer)
+    assert len(calls) == 2
 
 
 def test_a_kernel_that_fails_keeps_the_layer_int8_and_says_why(tmp_path: Path) -> None:
