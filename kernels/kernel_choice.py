@@ -41,16 +41,14 @@ would measure the emulator, so that is refused.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from apq.kernels.json_cache import read_entries, write_entries
 from apq.toolchain.errors import InvalidInputError
 
 CACHE_VERSION = 1
@@ -382,34 +380,19 @@ def kernels_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _stamp() -> dict[str, str]:
+    return {"kernels": kernels_fingerprint()}
+
+
 def load_cache(path: Path) -> dict[str, KernelTiming]:
     """Timings by key ({} when the file is missing, unreadable, of another version, or from
     other kernels: :func:`kernels_fingerprint`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if data.get("version") != CACHE_VERSION or data.get("kernels") != kernels_fingerprint():
-        return {}
-    return {k: KernelTiming.from_json(v) for k, v in data.get("entries", {}).items()}
+    return {k: KernelTiming.from_json(v) for k, v in read_entries(path, CACHE_VERSION, _stamp()).items()}
 
 
 def save_cache(path: Path, new: dict[str, KernelTiming], target: Any | None = None) -> None:
-    """Merge ``new`` into the file under its lock, written atomically."""
-    from apq.kernels.knob_tuning import _locked
-
-    path = Path(path)
-    with _locked(path):
-        entries = load_cache(path)
-        entries.update(new)
-        doc: dict[str, Any] = {"version": CACHE_VERSION, "kernels": kernels_fingerprint(),
-                               "entries": {k: t.to_json() for k, t in sorted(entries.items())}}
-        if target is not None:
-            doc["target"] = str(target)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    """Merge ``new`` into the file under its lock, written atomically (kernels/json_cache.py)."""
+    write_entries(path, {k: t.to_json() for k, t in new.items()}, CACHE_VERSION, target, _stamp())
 
 
 def check_measurable(spec: Any, board: Board | None = None) -> None:
@@ -446,7 +429,6 @@ class KernelChooser:
         self.entries = load_cache(self.path)
         self.measure = measure or time_layer
         self.timed = self.cached = 0
-        self.seconds = 0.0
         #: per layer (name or "#index"), what its plan decided, for the manifest (filled by
         #: toolchain/bitserial_lowering.py, the last plan of a layer wins)
         self.log: dict[str, dict[str, Any]] = {}
@@ -462,7 +444,6 @@ class KernelChooser:
         if key in self.entries:
             self.cached += 1
             return self.entries[key]
-        t0 = time.perf_counter()
         try:
             timing = self.measure(layer, self.spec, self.nhwc, board=self.board)
         except ApqError:
@@ -470,8 +451,6 @@ class KernelChooser:
         except Exception as e:  # noqa: BLE001 -- a kernel that cannot be built or run is no choice
             return KernelTiming(None, None, False, "int8", " ".join(str(e).split())[:200],
                                 self.board.name() if self.board else "local")
-        finally:
-            self.seconds += time.perf_counter() - t0
         self.timed += 1
         self.entries[key] = timing
         save_cache(self.path, {key: timing}, self.spec.tvm())

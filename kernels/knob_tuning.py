@@ -22,21 +22,19 @@ whose code cannot run here (cross-compiled boards, the simulator's non-LLVM targ
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from apq.kernels.interleaved import interleaved_samples
+from apq.kernels.json_cache import read_entries, write_entries
 from apq.kernels.pipeline import fused_module
 from apq.kernels.cpu_schedules import RULES, CpuScheduleConfig
 from apq.toolchain.errors import InvalidInputError
@@ -244,42 +242,14 @@ def cache_file(target: Any, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir) / "knobs" / f"{target_key(target)}.json"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<file>.lock``: concurrent compiles merge, never interleave."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def load_cache(path: Path) -> dict[str, KnobChoice]:
     """Choices by key ({} when the file is missing, unreadable or of another version)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if data.get("version") != CACHE_VERSION:
-        return {}
-    return {k: KnobChoice.from_json(v) for k, v in data.get("entries", {}).items()}
+    return {k: KnobChoice.from_json(v) for k, v in read_entries(path, CACHE_VERSION).items()}
 
 
 def save_cache(path: Path, new: dict[str, KnobChoice], target: Any | None = None) -> None:
-    """Merge ``new`` into the file under its lock, written atomically (temp file + rename)."""
-    path = Path(path)
-    with _locked(path):
-        entries = load_cache(path)
-        entries.update(new)
-        doc = {"version": CACHE_VERSION, "entries": {k: c.to_json() for k, c in sorted(entries.items())}}
-        if target is not None:
-            doc["target"] = str(target)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    """Merge ``new`` into the file under its lock, written atomically (kernels/json_cache.py)."""
+    write_entries(path, {k: c.to_json() for k, c in new.items()}, CACHE_VERSION, target)
 
 
 # --------------------------------------------------------------------------- scheduling
