@@ -89,13 +89,9 @@ def _intrin_funcs(a_dtype: str) -> tuple[Any, Any]:
 
 def register_intrinsics(a_dtype: str = "int8") -> str:
     """Register the sdot tensor intrinsic for ``a_dtype`` activations once per process; returns its name."""
-    from tvm.s_tir import TensorIntrin
+    from apq.kernels.tensor_intrin import register_once
 
-    name = _INTRIN_BY_DTYPE[a_dtype]
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        desc, impl = _intrin_funcs(a_dtype)
-        TensorIntrin.register(name, desc, impl)
-    return name
+    return register_once(_INTRIN_BY_DTYPE[a_dtype], lambda: _intrin_funcs(a_dtype))
 
 
 # --------------------------------------------------------------------------- conv2d schedule

@@ -123,12 +123,9 @@ def _intrin_funcs(a_bits: int) -> tuple[Any, Any]:
 
 def register_intrinsic(a_bits: int) -> str:
     """Register the ``a_bits``-plane movemask intrinsic once per process; returns its name."""
-    from tvm.s_tir import TensorIntrin
+    from apq.kernels.tensor_intrin import register_once
 
-    name = f"apq_x86_movemask_pack_a{a_bits}"
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_intrin_funcs(a_bits))
-    return name
+    return register_once(f"apq_x86_movemask_pack_a{a_bits}", lambda: _intrin_funcs(a_bits))
 
 
 def is_pack_block(sch: Any, block: Any) -> bool:

@@ -64,12 +64,9 @@ def _intrin_funcs() -> tuple[Any, Any]:
 
 def register_intrinsics() -> str:
     """Register the VNNI tensor intrinsic once per process; returns its name."""
-    from tvm.s_tir import TensorIntrin
+    from apq.kernels.tensor_intrin import register_once
 
-    if TensorIntrin.get(VNNI_U8S8_PIXELS16_K4, allow_missing=True) is None:
-        desc, impl = _intrin_funcs()
-        TensorIntrin.register(VNNI_U8S8_PIXELS16_K4, desc, impl)
-    return VNNI_U8S8_PIXELS16_K4
+    return register_once(VNNI_U8S8_PIXELS16_K4, _intrin_funcs)
 
 
 # --------------------------------------------------------------------------- conv2d schedule

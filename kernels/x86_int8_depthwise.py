@@ -165,12 +165,9 @@ def _intrin_funcs(lanes: int) -> tuple[Any, Any]:
 
 def register_intrinsic(lanes: int) -> str:
     """Register the ``lanes``-channel intrinsic once per process; returns its name."""
-    from tvm.s_tir import TensorIntrin
+    from apq.kernels.tensor_intrin import register_once
 
-    name = _VPDPBUSD[lanes][1]
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_intrin_funcs(lanes))
-    return name
+    return register_once(_VPDPBUSD[lanes][1], lambda: _intrin_funcs(lanes))
 
 
 def find_packed_depthwise(sch: Any) -> tuple[Any, Any] | None:
