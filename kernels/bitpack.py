@@ -44,7 +44,7 @@ import numpy as np
 from apq.toolchain.errors import InvalidInputError
 
 WEIGHT_MODES = ("unipolar", "signed", "bipolar")
-WORD_BITS = (32, 64)
+WORD_BITS = (16, 32, 64)  # 16: narrow layers (bitserial.narrow_words)
 
 
 def word_dtype(word_bits: int) -> str:

@@ -52,6 +52,7 @@ class BitserialConfig:
     stride: int = 1
     padding: int = 0
     word_bits: int = 32  # packing word for channel-packed conv / dense (depthwise picks by window)
+    acc_bits: int = 32  # accumulator lanes of a channel-packed conv: 16 only where narrow_words allows
 
     def __post_init__(self) -> None:
         bitpack.check_bits(self.a_bits, "a_bits")
@@ -60,6 +61,14 @@ class BitserialConfig:
         bitpack.word_dtype(self.word_bits)
         if self.stride < 1 or self.padding < 0:
             raise InvalidInputError(f"bad stride/padding {self.stride}/{self.padding}")
+        if self.acc_bits not in ACC_BITS:
+            raise InvalidInputError(f"acc_bits must be one of {ACC_BITS}, got {self.acc_bits}")
+        if self.acc_bits == 16 and self.mode == "bipolar":
+            raise InvalidInputError("16-bit accumulators are for unipolar / signed weights only")
+
+    @property
+    def acc_dtype(self) -> str:
+        return f"int{self.acc_bits}"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,6 +76,55 @@ class BitserialConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any] | str) -> "BitserialConfig":
         return cls(**(json.loads(d) if isinstance(d, str) else d))
+
+
+#: Accumulator widths of a channel-packed conv (:func:`narrow_words`).
+ACC_BITS = (16, 32)
+
+
+def accumulator_bound(channels: int, kernel_size: int, a_bits: int, w_bits: int) -> int:
+    """Largest sum of absolute plane terms of one output: ``k^2 C (2^a - 1)(2^w - 1)``. Every
+    partial sum of the reduction, in any order, is bounded by it (unipolar and signed weights)."""
+    return kernel_size * kernel_size * channels * ((1 << a_bits) - 1) * ((1 << w_bits) - 1)
+
+
+def narrow_words(channels: int, kernel_size: int, a_bits: int, w_bits: int, mode: str, target=None) -> bool:
+    """Whether a conv packs its channels into 16-bit words and accumulates in int16 lanes.
+
+    Why: a 16-channel layer packed into 32-bit words leaves half of every AND and popcount idle
+    (the 16 -> 64 expansion at 112 px, the largest bit-serial kernel of bench/mixed_precision.py's
+    224 px networks). In 16-bit words with int16 accumulators, one 512-bit vector holds 32 output
+    channels of 16 useful bits each (``vpopcntw``, AVX-512 BITALG): measured on that layer, W2A2
+    signed with a requantizing epilogue, 1 thread, interleaved: 100 us against 190 us for 32-bit
+    words (and 206 us for 16-bit words with int32 accumulators). On 24-256 channels the two forms
+    timed within 5% of each other, so only layers whose 32-bit packing pads more than 16-bit
+    packing would (``C mod 32`` in 1..16) take it.
+
+    Conditions: a 1x1 conv (the only form measured), unipolar or signed weights (bipolar kernels
+    need int32 activation sums), :func:`accumulator_bound` <= 32767 (no partial sum can overflow
+    int16), and an x86 target with AVX-512 BW and BITALG (16-bit vector popcount in hardware).
+    """
+    if kernel_size != 1 or mode == "bipolar" or channels % 32 == 0 or channels % 32 > 16:
+        return False
+    if accumulator_bound(channels, kernel_size, a_bits, w_bits) > 32767:
+        return False
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(["avx512bw", "avx512bitalg"], tvm_target(target)))
+    except Exception:  # not an LLVM x86 target
+        return False
+
+
+def kernel_config(op: str, a_bits: int, w_bits: int, mode: str, stride: int, padding: int, channels: int,
+                  kernel_size: int, target=None) -> BitserialConfig:
+    """The config of the conv kernel the lowering emits for a layer (``op``: "depthwise", or a
+    channel-packed "pointwise" / "conv"), so the measured kernel choice times that same kernel:
+    32-bit words, or for narrow channel-packed layers 16-bit words with int16 accumulators
+    (:func:`narrow_words`)."""
+    narrow = op != "depthwise" and narrow_words(channels, kernel_size, a_bits, w_bits, mode, target)
+    return BitserialConfig(a_bits, w_bits, mode, stride=stride, padding=padding,
+                           word_bits=16 if narrow else 32, acc_bits=16 if narrow else 32)
 
 
 @dataclass(frozen=True)
@@ -132,7 +190,8 @@ def _plane_term(a, w, ri, rj, cfg: BitserialConfig, word_sum=None):
     """
     from tvm import te, tirx
 
-    t = te.popcount(a & w).astype("int32")
+    acc = cfg.acc_dtype
+    t = te.popcount(a & w).astype(acc)
     if cfg.mode == "bipolar":
         top = (1 << cfg.w_bits) - 1
         if word_sum is not None:
@@ -140,7 +199,7 @@ def _plane_term(a, w, ri, rj, cfg: BitserialConfig, word_sum=None):
         else:
             corr, on = (te.popcount(a).astype("int32") << ri.astype("int32")) * (-top), rj == 0
         return (t << (ri + rj + 1).astype("int32")) + te.if_then_else(on, corr, tirx.const(0, "int32"))
-    t = t << (ri + rj).astype("int32")
+    t = t << (ri + rj).astype(acc)
     if cfg.mode == "signed":
         t = te.if_then_else(rj == cfg.w_bits - 1, -t, t)
     return t
@@ -240,7 +299,12 @@ def bitserial_conv2d_nhwc(x, w_packed, cfg: BitserialConfig, name: str = "bsconv
         ws = None if sums is None else sums[nn, y * s + rh, xo * s + rw, rc]
         return te.sum(_plane_term(a, w_packed[rh, rw, rc, rj, oc], ri, rj, cfg, ws), axis=[rh, rw, rc, ri, rj])
 
-    return te.compute(tuple(bitpack.te_extent(v, idx) for v in (n, oh, ow, o)), body, name=name)
+    out_shape = tuple(bitpack.te_extent(v, idx) for v in (n, oh, ow, o))
+    acc = te.compute(out_shape, body, name=name)
+    if cfg.acc_bits == 32:
+        return acc
+    # int16 lanes (narrow_words): the kernel still returns int32, widened per register tile
+    return te.compute(out_shape, lambda *i: acc[i].astype("int32"), name=f"{name}_widen")
 
 
 DW_PACKERS = {
@@ -393,11 +457,18 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
     unrolled; all earlier spatial loops are fused and parallelised. Reduction loops stay in order
     between the outer tiles and the register tile, their last ``unroll_last`` (the bit loops) are
     unrolled. The accumulator tile lives in a local buffer (registers), written back once.
+    ``lanes`` counts int32 lanes; a block accumulating in narrower integers (int16,
+    :func:`narrow_words`) gets as many more as fit the same register.
     Returns the parallel row loop and the output-tile loop.
     """
+    from tvm import DataType
+
     from apq.kernels.cpu_schedules import _is_output_block, vectorize_by_divisor
 
     block = sch.get_sblock(block_name)
+    acc_bits = DataType(sch.get(block).writes[0].source.dtype).bits
+    epilogue_lanes = lanes  # the epilogue works in int32 / float32 (and may store 16-channel blocks)
+    lanes = lanes * 32 // acc_bits if acc_bits < 32 else lanes
     loops = sch.get_loops(block)
     iters = sch.get(block).iter_vars
     n_sp = sum(1 for it in iters if it.iter_type == 0)
@@ -432,7 +503,7 @@ def _schedule_reduction_block(sch, block_name: str, lanes: int, sc: ScheduleConf
         if len(consumers) != 1:
             raise ValueError("a fused bit-serial conv needs exactly one epilogue block")
         sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
-        vectorize_by_divisor(sch, sch.get_loops(consumers[0])[-1], lanes)
+        vectorize_by_divisor(sch, sch.get_loops(consumers[0])[-1], epilogue_lanes)
     # vectorise while the block still has its init (a "local reduction block"); decompose after
     for lp in tile[:-1]:
         sch.unroll(lp)

@@ -147,13 +147,13 @@ def _random_operands(layer: ConvLayer, seed: int = 0) -> tuple[np.ndarray, np.nd
     return x, w
 
 
-def _packed_weights(layer: ConvLayer, w: np.ndarray) -> np.ndarray:
-    """``w`` packed as toolchain/bitserial_lowering.py packs it for this op."""
+def _packed_weights(layer: ConvLayer, w: np.ndarray, cfg: Any) -> np.ndarray:
+    """``w`` packed as toolchain/bitserial_lowering.py packs it for this op and config."""
     from apq.kernels import bitpack
 
     if layer.op == "depthwise":
         return bitpack.pack_depthwise_weights(w[:, :, 0, :], layer.w_bits, layer.mode)
-    return bitpack.pack_conv_weights_hwio(w, layer.w_bits, layer.mode)
+    return bitpack.pack_conv_weights_hwio(w, layer.w_bits, layer.mode, cfg.word_bits)
 
 
 #: layer op -> the toolchain/int8_layout.py pass that gives an NHWC int8 conv its VNNI kernel
@@ -196,9 +196,9 @@ def _bitserial_kernel(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: An
     from apq.kernels import bitserial
     from apq.kernels.registry import find_kernel
 
-    cfg = bitserial.BitserialConfig(layer.a_bits, layer.w_bits, layer.mode, stride=layer.stride,
-                                    padding=layer.padding)
-    wp = _packed_weights(layer, w)
+    cfg = bitserial.kernel_config(layer.op, layer.a_bits, layer.w_bits, layer.mode, layer.stride, layer.padding,
+                                  layer.in_channels, layer.kernel, target)
+    wp = _packed_weights(layer, w, cfg)
     spec = find_kernel(_REGISTRY_OPS[layer.op], layer.a_bits, layer.w_bits, arch)
     func = spec.builder(x.shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=True)
     return func, [x, wp, np.zeros((1, *layer.out_hw, layer.out_channels), "int32")]

@@ -138,6 +138,7 @@ _X86_FEATURES = {
     "avx512_vnni": "avx512vnni",
     "avx_vnni": "avxvnni",
     "avx512_vpopcntdq": "avx512vpopcntdq",
+    "avx512_bitalg": "avx512bitalg",  # 16-bit vector popcount: narrow bit-serial words (kernels/bitserial.py)
     "popcnt": "popcnt",
 }
 

@@ -144,6 +144,79 @@ def test_bitserial_conv2d_exact(conv_module, a_bits, w_bits):
     np.testing.assert_array_equal(got, ref)
 
 
+#: JSON targets for the narrow-word rule: BITALG (16-bit vector popcount) or not, and a NEON core
+SPR = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}
+HASWELL = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+PI4 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}
+
+
+def test_narrow_words_rule():
+    """16-bit words + int16 accumulators only where 32-bit words would pad more, the sum cannot
+    overflow int16, the weights are not bipolar, the conv is 1x1 and the CPU popcounts 16-bit lanes."""
+    assert bitserial.narrow_words(16, 1, 2, 2, "signed", SPR)
+    assert bitserial.narrow_words(48, 1, 4, 4, "unipolar", SPR)
+    assert bitserial.narrow_words(144, 1, 4, 4, "signed", SPR)  # bound 144 * 15 * 15 = 32400
+    assert not bitserial.narrow_words(176, 1, 4, 4, "signed", SPR)  # 39600 > 32767
+    assert not bitserial.narrow_words(24, 1, 2, 2, "signed", SPR)  # 32-bit words pad no more
+    assert not bitserial.narrow_words(64, 1, 2, 2, "signed", SPR)
+    assert not bitserial.narrow_words(16, 3, 2, 2, "signed", SPR)  # only 1x1 measured
+    assert not bitserial.narrow_words(16, 1, 1, 1, "bipolar", SPR)
+    assert not bitserial.narrow_words(16, 1, 2, 2, "signed", HASWELL)
+    assert not bitserial.narrow_words(16, 1, 2, 2, "signed", PI4)
+    cfg = bitserial.kernel_config("pointwise", 2, 2, "signed", 1, 0, 16, 1, SPR)
+    assert (cfg.word_bits, cfg.acc_bits) == (16, 16)
+    assert bitserial.kernel_config("depthwise", 2, 2, "signed", 1, 1, 16, 3, SPR).acc_bits == 32
+    assert bitserial.accumulator_bound(144, 1, 4, 4) == 32400
+
+
+NARROW_C = (16, 48)
+
+
+@pytest.fixture(scope="module")
+def narrow_module():
+    """Every bit pair in 16-bit words with int16 accumulators (1x1, unipolar and signed), plus the
+    largest W4A4 layer the rule admits (144 channels) fed its extreme values."""
+    rng = np.random.default_rng(5)
+    funcs, cases = {}, {}
+    for a, w in PAIRS:
+        mode = ("unipolar", "signed")[(a + w) % 2]
+        c = NARROW_C[(a * w) % 2]
+        cfg = bitserial.BitserialConfig(a, w, mode, word_bits=16, acc_bits=16)
+        x = _acts(rng, (1, 5, 7, c), a)
+        wt = _weights(rng, (1, 1, c, 40), w, mode)  # 40 outputs: not a multiple of the 32 int16 lanes
+        wp = bitpack.pack_conv_weights_hwio(wt, w, mode, 16)
+        funcs[f"narrow_a{a}w{w}"] = bitserial.conv2d_primfunc(x.shape, wp.shape, cfg)
+        cases[(a, w)] = (x, wt, wp)
+    for mode in ("unipolar", "signed"):
+        cfg = bitserial.BitserialConfig(4, 4, mode, word_bits=16, acc_bits=16)
+        lo, hi = bitpack.weight_range(4, mode)
+        x = np.full((1, 2, 3, 144), 15, "uint8")
+        wt = np.full((1, 1, 144, 32), hi, np.int64)
+        wt[..., 16:] = lo  # half the outputs at each extreme: 144 * 15 * hi and 144 * 15 * lo
+        wp = bitpack.pack_conv_weights_hwio(wt, 4, mode, 16)
+        funcs[f"edge_{mode}"] = bitserial.conv2d_primfunc(x.shape, wp.shape, cfg)
+        cases[mode] = (x, wt, wp)
+    return bitserial.build_many(funcs), cases
+
+
+@pytest.mark.parametrize("a_bits,w_bits", PAIRS)
+def test_narrow_word_conv_exact(narrow_module, a_bits, w_bits):
+    mod, cases = narrow_module
+    x, wt, wp = cases[(a_bits, w_bits)]
+    ref = reference.conv2d_nhwc_int(x, wt)
+    assert np.abs(ref).max() > 0
+    np.testing.assert_array_equal(_run(mod, f"narrow_a{a_bits}w{w_bits}", [x, wp], ref.shape), ref)
+
+
+@pytest.mark.parametrize("mode", ["unipolar", "signed"])
+def test_narrow_word_conv_is_exact_at_the_int16_bound(narrow_module, mode):
+    mod, cases = narrow_module
+    x, wt, wp = cases[mode]
+    ref = reference.conv2d_nhwc_int(x, wt)
+    assert ref.max() == 144 * 15 * (15 if mode == "unipolar" else 7)  # 32400: int16 holds it, barely
+    np.testing.assert_array_equal(_run(mod, f"edge_{mode}", [x, wp], ref.shape), ref)
+
+
 @pytest.fixture(scope="module")
 def dw_dense_module():
     rng = np.random.default_rng(4)
@@ -378,8 +451,11 @@ def test_configs_roundtrip_json_and_validate():
     assert bitserial.ScheduleConfig.from_json(sc.to_json()) == sc
     with pytest.raises(InvalidInputError):
         bitserial.BitserialConfig(0, 2)
-    with pytest.raises(InvalidInputError):
-        bitserial.BitserialConfig(2, 2, word_bits=16)
+    narrow = bitserial.BitserialConfig(2, 2, "signed", word_bits=16, acc_bits=16)
+    assert bitserial.BitserialConfig.from_json(narrow.to_json()) == narrow and narrow.acc_dtype == "int16"
+    for bad in (dict(word_bits=8), dict(acc_bits=8), dict(mode="bipolar", acc_bits=16)):
+        with pytest.raises(InvalidInputError):
+            bitserial.BitserialConfig(2, 2, **bad)
     with pytest.raises(InvalidInputError):
         bitserial.conv2d_primfunc((1, 4, 4, 32), (1, 1, 1, 2, 16), bitserial.BitserialConfig(2, 2),
                                   sched=bitserial.ScheduleConfig(pack_at="nowhere"))

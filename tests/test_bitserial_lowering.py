@@ -337,6 +337,15 @@ def test_decisions_are_recorded_on_the_module(mixed_onnx: Path) -> None:
     assert "padded" in by_layer["blocks.1.depthwise.weight_q"].reason or \
         "above" in by_layer["blocks.1.depthwise.weight_q"].reason
     assert by_layer["stem.weight_q"].reason.startswith("first/last")
+    # 8- and 16-channel pointwise inputs pack into 16-bit words with int16 accumulators where the
+    # CPU popcounts 16-bit lanes (kernels/bitserial.narrow_words); 24 and 32 channels keep 32 bits
+    features = get_target("host").features
+    narrow = (16, 16) if {"avx512bw", "avx512bitalg"} <= set(features) else (32, 32)
+    words = {k: (d.word_bits, d.acc_bits) for k, d in by_layer.items() if d.bitserial}
+    assert words == {"blocks.0.expand.weight_q": narrow, "blocks.0.depthwise.weight_q": (0, 0),
+                     "blocks.0.project.weight_q": narrow, "blocks.1.expand.weight_q": narrow,
+                     "blocks.1.project.weight_q": (32, 32), "blocks.2.expand.weight_q": narrow,
+                     "blocks.2.project.weight_q": (32, 32)}
 
 
 def test_vnni_lowering_keeps_the_planned_layers_plain(mixed_onnx: Path) -> None:

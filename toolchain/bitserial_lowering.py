@@ -210,6 +210,9 @@ class LayerDecision:
     layer: str = ""  # ONNX weight initializer name, when lower_qdq recorded it
     geometry: dict[str, Any] | None = None  # describe_layers' geometry of the original layer
     measured: dict[str, Any] | None = None  # kernel_choice timing (BitserialPolicy.select "measured")
+    # channel-packed kernels: packing word and accumulator lanes (kernels/bitserial.narrow_words)
+    word_bits: int = 0
+    acc_bits: int = 0
 
     @property
     def kernel_family(self) -> str:
@@ -517,13 +520,13 @@ def _emit_conv(bb: Any, call: Any, x: Any, d: LayerDecision, target: Any, policy
     from tvm import relax
 
     from apq.kernels import bitpack
-    from apq.kernels.bitserial import BitserialConfig, conv_out_size
+    from apq.kernels.bitserial import conv_out_size, kernel_config
     from apq.kernels.registry import find_kernel
 
     w = const_value(call.args[1])  # OIHW
-    o, _, k, _ = w.shape
-    cfg = BitserialConfig(d.a_bits, d.w_bits, d.weight_mode, stride=int(call.attrs.strides[0]),
-                          padding=int(call.attrs.padding[0]))
+    o, ci, k, _ = w.shape
+    cfg = kernel_config(d.op, d.a_bits, d.w_bits, d.weight_mode, int(call.attrs.strides[0]),
+                        int(call.attrs.padding[0]), ci, k, target.tvm())
     xt = bb.emit(relax.op.permute_dims(_unsigned_input(x, d), [0, 2, 3, 1]))
     x_shape = tuple(static_shape(xt))
     if d.op == "depthwise":
@@ -533,6 +536,7 @@ def _emit_conv(bb: Any, call: Any, x: Any, d: LayerDecision, target: Any, policy
         packed = bitpack.pack_conv_weights_hwio(np.transpose(w, (2, 3, 1, 0)), d.w_bits, d.weight_mode,
                                                 cfg.word_bits)
         spec = find_kernel("conv2d", d.a_bits, d.w_bits, target.arch)
+        d.word_bits, d.acc_bits = cfg.word_bits, cfg.acc_bits
     fusable = _fuses_epilogue(call, d, target, policy)
     func = spec.builder(x_shape, packed.shape, cfg=cfg, kernel_size=k, target=target.tvm(), scheduled=not fusable)
     d.kernel = d.kernel_family
@@ -560,6 +564,7 @@ def _emit_dense(bb: Any, call: Any, x: Any, d: LayerDecision, target: Any, polic
     spec = find_kernel("dense", d.a_bits, d.w_bits, target.arch)
     func = spec.builder(x_shape, packed.shape, cfg=cfg, target=target.tvm())
     d.kernel = d.kernel_family
+    d.word_bits, d.acc_bits = cfg.word_bits, cfg.acc_bits
     gv = bb.add_func(_finish(func, d), f"{d.kernel}_mk")
     out = relax.call_tir(gv, [xu, relax.const(packed)], relax.TensorType((x_shape[0], w_kn.shape[1]), "int32"))
     return _offset_correction(out, d, w_kn.sum(axis=0), (w_kn.shape[1],))
