@@ -551,6 +551,15 @@ def opaque_scheduled(func):
             .with_attr("tirx.is_scheduled", True))
 
 
+def fusable_unscheduled(func):
+    """Prepare an unscheduled pointwise conv PrimFunc (``conv2d_primfunc(..., scheduled=False)``)
+    for a Relax module: no symbol, and fusable with its elementwise consumers (FuseOps folds the
+    requantize epilogue in; :func:`schedule_fused_pointwise` schedules the fused PrimFunc)."""
+    from apq.kernels.pipeline import OP_PATTERN_OUT_EWISE_FUSABLE
+
+    return func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OUT_EWISE_FUSABLE)
+
+
 def _schedule(func, stages: Sequence[tuple[str, str]], target, sc: ScheduleConfig, unroll_last: int,
               pack_at_auto: str = "root"):
     from tvm import s_tir

@@ -51,6 +51,23 @@ def test_real_measurement_builds_both_kernels_and_they_agree(layer: ConvLayer) -
     assert t.to_json()["source"] == "measured"
 
 
+def test_both_kernels_are_timed_with_the_requantize_epilogue_they_run_with() -> None:
+    """What is timed writes uint8, as in a model: a stride-1 pointwise bit-serial kernel with the
+    epilogue fused in (one PrimFunc), the same for the int8 kernel; not int32 accumulators."""
+    from tvm import s_tir
+
+    spec = get_target("host")
+    target = spec.tvm()
+    layer = ConvLayer("pointwise", 8, 8, 16, 32, 1, 1, 0, 2, 2, "signed")
+    _, w = kernel_choice._random_operands(layer)
+    with target:
+        bs = kernel_choice._bitserial_kernels(layer, w, target, spec.arch)
+        i8 = kernel_choice._int8_kernels(layer, w, "avx512vnni" in spec.features, target)
+    assert len(bs) == 1  # the conv, its packing and its epilogue in one kernel
+    s_tir.Schedule(bs[0][0]).get_sblock("bsconv_update")  # the register-tile reduction (raises if absent)
+    assert str(bs[0][0].params[-1].dtype) == "uint8" and str(i8[-1][0].params[-1].dtype) == "uint8"
+
+
 def test_chooser_caches_timings_per_target(tmp_path: Path) -> None:
     calls: list[ConvLayer] = []
 
@@ -225,9 +242,9 @@ def test_a_board_target_gets_its_own_kernels_cross_compiled(tmp_path: Path, monk
     pi = get_target("raspberry-pi/4b-aarch64")
     seen: dict[str, list] = {}
 
-    def fake_board(kernels, spec, remote, cfg):
-        seen.update(kernels)
-        for kind, entries in kernels.items():
+    def fake_board(kernels, check, spec, remote, cfg):
+        seen.update(kernels, check=[check])
+        for kind, entries in seen.items():
             for i, (func, _) in enumerate(entries):
                 path = tmp_path / f"{kind}{i}.so"
                 _export(func, spec, path)
@@ -237,7 +254,9 @@ def test_a_board_target_gets_its_own_kernels_cross_compiled(tmp_path: Path, monk
     monkeypatch.setattr(kernel_choice, "_time_on_board", fake_board)
     t = kernel_choice.time_layer(ConvLayer("depthwise", 8, 8, 16, 16, 3, 1, 1, 2, 2, "signed"), pi, False,
                                  board=Board("127.0.0.1", 9190, "pi"))
-    assert set(seen) == {"bitserial", "int8"} and seen["int8"]
+    assert set(seen) == {"bitserial", "int8", "check"} and seen["int8"]
+    # the depthwise bit-serial kernel is opaque: its requantize epilogue is a kernel of its own
+    assert len(seen["bitserial"]) == 2
     assert not t.exact and t.kernel == "int8" and t.device == "rpc:pi@127.0.0.1:9190"
 
 

@@ -479,14 +479,11 @@ def _finish(func: Any, d: LayerDecision, fusable: bool = False) -> Any:
     reports, and either scheduled + opaque (apq's dlight rules skip it, FuseTIR leaves it alone) or
     unscheduled + fusable with its elementwise consumers (``fusable``: a schedule rule takes the
     fused PrimFunc)."""
-    from apq.kernels.bitserial import opaque_scheduled
-    from apq.kernels.pipeline import OP_PATTERN_OUT_EWISE_FUSABLE
+    from apq.kernels.bitserial import fusable_unscheduled, opaque_scheduled
 
     func = (func.with_attr(WEIGHT_BITS_FUNC_ATTR, d.w_bits).with_attr(ACT_BITS_FUNC_ATTR, d.a_bits)
             .with_attr("apq.weight_mode", d.weight_mode))
-    if fusable:
-        return func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OUT_EWISE_FUSABLE)
-    return opaque_scheduled(func)
+    return fusable_unscheduled(func) if fusable else opaque_scheduled(func)
 
 
 def _fuses_epilogue(call: Any, d: LayerDecision, target: Any, policy: BitserialPolicy) -> bool:
