@@ -169,6 +169,15 @@ def test_narrow_words_rule():
     assert bitserial.accumulator_bound(144, 1, 4, 4) == 32400
 
 
+def test_output_channel_tiles_use_whole_registers():
+    """(lanes, vectors) of the register tile: power-of-two lanes, the tile kept about as wide as asked
+    (24 channels: 3 x 8 lanes, not one 12-lane vector), at most twice as wide (register pressure)."""
+    tile = bitserial._channel_tile
+    assert tile(24, 16, 1) == (8, 3) and tile(32, 16, 2) == (16, 2) and tile(64, 32, 1) == (32, 1)
+    assert tile(40, 16, 1) == (8, 1) and tile(40, 16, 2) == (8, 5) and tile(72, 16, 2) == (8, 3)
+    assert tile(48, 32, 1) == (16, 3) and tile(12, 16, 1) == (4, 3) and tile(7, 16, 1) == (1, 1)
+
+
 NARROW_C = (16, 48)
 
 
