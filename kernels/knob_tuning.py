@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -234,12 +233,10 @@ def target_key(target: Any) -> str:
 
 
 def cache_file(target: Any, cache_dir: Path | None = None) -> Path:
-    """``<cache>/knobs/<target key>.json``; cache = the argument, ``$APQ_CACHE_DIR``,
-    ``$XDG_CACHE_HOME/apq`` or ``~/.cache/apq``, in that order."""
-    if cache_dir is None:
-        env, xdg = os.environ.get("APQ_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME")
-        cache_dir = Path(env) if env else (Path(xdg) / "apq" if xdg else Path.home() / ".cache" / "apq")
-    return Path(cache_dir) / "knobs" / f"{target_key(target)}.json"
+    """``<cache>/knobs/<target key>.json``, cache = apq.toolchain.cache_dir.cache_root."""
+    from apq.toolchain.cache_dir import cache_root
+
+    return cache_root(cache_dir) / "knobs" / f"{target_key(target)}.json"
 
 
 def load_cache(path: Path) -> dict[str, KnobChoice]:

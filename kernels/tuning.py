@@ -141,8 +141,8 @@ def target_key(target: Any) -> str:
 
 
 def database_dir(target: Any, cache_dir: Path | None = None) -> Path:
-    """``$APQ_CACHE_DIR/tuning/<target key>`` (default ``~/.cache/apq/tuning/<target key>``)."""
-    from apq.targets.aarch64_runtime import cache_root
+    """``<cache>/tuning/<target key>``, cache = apq.toolchain.cache_dir.cache_root."""
+    from apq.toolchain.cache_dir import cache_root
 
     return cache_root(cache_dir) / "tuning" / target_key(target)
 

@@ -10,7 +10,7 @@ Nothing of that is installed on an x86 host, so this module
 - builds ``apq-run`` (``runner/apq_run.cc``) with CMake, natively or with the aarch64 cross
   toolchain (``cmake/aarch64-linux-gnu.cmake``).
 
-Both results live in apq's cache (``$APQ_CACHE_DIR`` or ``~/.cache/apq``), keyed by versions
+Both results live in apq's cache (apq.toolchain.cache_dir: ``$APQ_CACHE_DIR``, ``$XDG_CACHE_HOME/apq`` or ``~/.cache/apq``), keyed by versions
 and by a hash of the runner sources, so only the first call pays (~5 s download, ~20 s per
 build on 2 cores). Cache entries are populated in a temporary folder under a file lock and
 renamed into place, so concurrent processes (pytest-xdist, several apq commands) never see a
@@ -36,6 +36,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from apq.toolchain.cache_dir import cache_root
 from apq.toolchain.errors import ApqError, DeviceUnreachableError
 
 RUNTIME_LIBS: tuple[str, ...] = ("libtvm_runtime.so", "libtvm_ffi.so")
@@ -51,14 +52,6 @@ _WHEEL_MEMBERS: dict[str, tuple[str, str]] = {
 
 
 # --------------------------------------------------------------------------- cache plumbing
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """apq's cache folder: the argument, else ``$APQ_CACHE_DIR``, else ``~/.cache/apq``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("APQ_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "apq"
 
 
 def populate_once(final: Path, populate: Callable[[Path], None], required: tuple[str, ...]) -> Path:

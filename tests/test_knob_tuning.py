@@ -85,6 +85,13 @@ def test_cache_file_location_and_merging_round_trip(tmp_path, monkeypatch):
     monkeypatch.delenv("APQ_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert kt.cache_file(host).parent == tmp_path / "xdg" / "apq" / "knobs"
+    # every cache of apq resolves its folder the same way (apq.toolchain.cache_dir)
+    from apq.kernels import kernel_choice, tuning
+    from apq.targets import aarch64_runtime
+
+    assert tuning.database_dir(host).parent.parent == tmp_path / "xdg" / "apq"
+    assert kernel_choice.cache_file(host).parent.parent == tmp_path / "xdg" / "apq"
+    assert aarch64_runtime.cache_root() == tmp_path / "xdg" / "apq"
     monkeypatch.setenv("APQ_CACHE_DIR", str(tmp_path / "apq"))
     path = kt.cache_file(host)
     assert path == tmp_path / "apq" / "knobs" / f"{kt.target_key(host)}.json"
