@@ -53,8 +53,12 @@ STEM_CH, HEAD_CH = 32, 320
 #: was written). ``int8-ends``: the ends stay 8-bit, as APQ keeps the layers next to the stem and
 #: head; on a CPU whose 4-bit bit-serial kernels are slower than its int8 ones (W4A4 here: 0.18x
 #: of VNNI, bench/isa_peak.py) it is also what a latency-aware search would choose.
-MIXED_POLICIES: dict[str, tuple[int, int]] = {"w4-ends": (4, 2), "int8-ends": (8, 2)}
+#: ``binary-inner`` (not built by default): the inner pointwise convs W1A1 (binary {-1, +1} weights,
+#: 1-bit activations), the one bit-width at which a bit-serial kernel can beat VNNI int8 on some
+#: layers (docs/bitserial_limits.md), so ``--bitserial measured`` has something to choose.
+MIXED_POLICIES: dict[str, tuple[int, int]] = {"w4-ends": (4, 2), "int8-ends": (8, 2), "binary-inner": (8, 1)}
 DEFAULT_POLICY = "w4-ends"
+DEFAULT_POLICIES = ("w4-ends", "int8-ends")
 
 
 def block_bits(i: int, n: int, precision: str, policy: str = DEFAULT_POLICY) -> tuple[int | None, ...]:
@@ -169,7 +173,7 @@ PRECISIONS = ("float", "int8", "mixed")
 
 
 def run(resolution: int, threads: int, cfg, work: Path, transposes: bool = False, rounds: int = 5,
-        clock: str = "thread", policies: tuple[str, ...] = tuple(MIXED_POLICIES)) -> list[dict[str, Any]]:
+        clock: str = "thread", policies: tuple[str, ...] = DEFAULT_POLICIES) -> list[dict[str, Any]]:
     """Build everything first, then time every build and onnxruntime session in ``rounds``
     interleaved rounds (bench/compile_vs_ort.py's protocol): every ratio, above all
     ``speedup_vs_ort_int8`` (onnxruntime on one file, apq on another), is a median of per-round
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["thread", "wall"], default="thread",
                     help="clock for 1-thread runs (bench/compile_vs_ort.py); more threads always use wall time")
     ap.add_argument("--transposes", action="store_true", help="also profile per kernel (transpose cost)")
-    ap.add_argument("--policies", nargs="+", choices=sorted(MIXED_POLICIES), default=list(MIXED_POLICIES),
+    ap.add_argument("--policies", nargs="+", choices=sorted(MIXED_POLICIES), default=list(DEFAULT_POLICIES),
                     help="mixed policies to build (MIXED_POLICIES; ablations for the first one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
