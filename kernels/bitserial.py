@@ -452,11 +452,12 @@ def _largest_divisor(n: int, limit: int) -> int:
 def _register_lanes(channels: int, lanes: int) -> int:
     """The largest power of two that divides ``channels``, at most ``lanes``: a whole vector
     register (zmm / ymm / xmm). A 24-channel layer used to get 12-lane vectors, which LLVM splits
-    into an 8- and a 4-lane half."""
+    into an 8- and a 4-lane half. Below 8 lanes (odd or 4k + 2 channel counts: a 10-class dense)
+    the largest divisor up to ``lanes`` stays: one partial vector beats many 1-2 lane ones."""
     ln = 1
     while ln * 2 <= lanes and channels % (ln * 2) == 0:
         ln *= 2
-    return ln
+    return ln if ln >= min(lanes, 8) else _largest_divisor(channels, lanes)
 
 
 def _channel_tile(channels: int, lanes: int, oc_vectors: int) -> tuple[int, int]:
@@ -467,7 +468,7 @@ def _channel_tile(channels: int, lanes: int, oc_vectors: int) -> tuple[int, int]
     vectors took 62 / 51 us where 12 lanes x 1 took 87 / 61 us (56 px, 96 / 64 input channels)."""
     ln = _register_lanes(channels, lanes)
     groups = channels // ln
-    if ln == lanes or ln == 1:
+    if ln in (1, lanes) or ln & (ln - 1):  # a whole register, or a partial one (see _register_lanes)
         return ln, _largest_divisor(groups, oc_vectors)
     want = oc_vectors * lanes // ln
     wider = next((d for d in range(want, groups + 1) if groups % d == 0), groups)
@@ -574,6 +575,15 @@ def opaque_scheduled(func):
 
     return (func.without_attr("global_symbol").with_attr("op_pattern", OP_PATTERN_OPAQUE)
             .with_attr("tirx.is_scheduled", True))
+
+
+def fuses_epilogue(op: str, stride: int, padding: int, target=None) -> bool:
+    """Whether a layer's bit-serial kernel is emitted unscheduled and fusable with its requantize
+    epilogue (:func:`schedule_fused_pointwise`): stride-1 unpadded pointwise convs on targets apq's
+    CPU pipeline schedules. The lowering and the measured kernel choice ask the same question."""
+    from apq.kernels.pipeline import supports
+
+    return op == "pointwise" and stride == 1 and not padding and supports(tvm_target(target))
 
 
 def fusable_unscheduled(func):

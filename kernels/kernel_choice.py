@@ -24,9 +24,12 @@ the lowering emits it: fused into the int8 kernel and into a stride-1 pointwise 
 one. Without it (stop 20) both kernels wrote int32 accumulators, and on large layers that memory
 traffic hid the difference: the 112 px 16 -> 64 W2A2 layer (16-bit words) timed bit-serial 2-4%
 faster that way, and was chosen, while inside the model it ran 17-30% slower than its int8 kernel
-(per-kernel profiles); with the epilogue it times 1.46x slower (211 against 144 us). The bit-serial kernel is also run alone on the same
-random a-bit activations and w-bit weights: its int32 accumulators must equal the exact NumPy
-result (:func:`reference_output`), or the layer stays int8 and the mismatch is reported. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1 thread, interleaved rounds, best repeat).
+(per-kernel profiles); with the epilogue it times 1.46x slower (211 against 144 us).
+
+The bit-serial kernel is also run alone on the same random a-bit activations and w-bit weights:
+its int32 accumulators must equal the exact NumPy result (:func:`reference_output`), or the layer
+stays int8 and the mismatch is reported. Timing: ``kernels.knob_tuning.KnobTuneConfig`` (1
+thread, interleaved rounds, best repeat).
 Results are cached per target like knob choices (``<cache>/kernel_choice/<target key>.json``), so
 a recompile times nothing and every compile on this machine decides the same way. The file also
 records :func:`kernels_fingerprint` (apq's kernel sources and the TVM version): timings of other
@@ -267,11 +270,10 @@ def _bitserial_kernels(layer: ConvLayer, w: np.ndarray, target: Any, arch: str) 
     from tvm import relax
 
     from apq.kernels import bitserial
-    from apq.kernels.pipeline import supports as cpu_pipeline_supports
 
     spec, cfg, wp = _bitserial_config_and_weights(layer, w, target, arch)
     in_shape = (1, layer.height, layer.width, layer.in_channels)
-    fuse = layer.op == "pointwise" and layer.stride == 1 and not layer.padding and cpu_pipeline_supports(target)
+    fuse = bitserial.fuses_epilogue(layer.op, layer.stride, layer.padding, target)
     func = spec.builder(in_shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=not fuse)
     func = bitserial.fusable_unscheduled(func) if fuse else bitserial.opaque_scheduled(func)
 

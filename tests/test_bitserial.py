@@ -175,7 +175,10 @@ def test_output_channel_tiles_use_whole_registers():
     tile = bitserial._channel_tile
     assert tile(24, 16, 1) == (8, 3) and tile(32, 16, 2) == (16, 2) and tile(64, 32, 1) == (32, 1)
     assert tile(40, 16, 1) == (8, 1) and tile(40, 16, 2) == (8, 5) and tile(72, 16, 2) == (8, 3)
-    assert tile(48, 32, 1) == (16, 3) and tile(12, 16, 1) == (4, 3) and tile(7, 16, 1) == (1, 1)
+    assert tile(48, 32, 1) == (16, 3)
+    # below 8 lanes one partial vector stays (a 10-class dense: 10 lanes, not 5 x 2)
+    assert tile(10, 16, 1) == (10, 1) and tile(12, 16, 1) == (12, 1) and tile(7, 16, 1) == (7, 1)
+    assert tile(7, 4, 1) == (1, 1) and tile(6, 4, 1) == (3, 1)
 
 
 NARROW_C = (16, 48)

@@ -488,10 +488,10 @@ def _finish(func: Any, d: LayerDecision, fusable: bool = False) -> Any:
 
 def _fuses_epilogue(call: Any, d: LayerDecision, target: Any, policy: BitserialPolicy) -> bool:
     """Whether this layer's kernel is emitted fusable (BitserialPolicy.fuse_epilogues)."""
-    from apq.kernels.pipeline import supports as cpu_pipeline_supports
+    from apq.kernels.bitserial import fuses_epilogue
 
-    return (policy.fuse_epilogues and d.op == "pointwise" and cpu_pipeline_supports(target.tvm())
-            and int(call.attrs.strides[0]) == 1 and not any(int(p) for p in call.attrs.padding))
+    padding = max(int(p) for p in call.attrs.padding)
+    return policy.fuse_epilogues and fuses_epilogue(d.op, int(call.attrs.strides[0]), padding, target.tvm())
 
 
 def _unsigned_input(x: Any, d: LayerDecision) -> Any:
