@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from apq.kernels import bitpack
+from apq.kernels.cpu_schedules import _largest_divisor
 from apq.toolchain.errors import InvalidInputError
 
 
@@ -108,12 +109,9 @@ def narrow_words(channels: int, kernel_size: int, a_bits: int, w_bits: int, mode
         return False
     if accumulator_bound(channels, kernel_size, a_bits, w_bits) > 32767:
         return False
-    from tvm.target import codegen
+    from apq.kernels.cpu_schedules import target_has
 
-    try:
-        return bool(codegen.target_has_features(["avx512bw", "avx512bitalg"], tvm_target(target)))
-    except Exception:  # not an LLVM x86 target
-        return False
+    return target_has(target, ["avx512bw", "avx512bitalg"])
 
 
 def kernel_config(op: str, a_bits: int, w_bits: int, mode: str, stride: int, padding: int, channels: int,
@@ -412,19 +410,14 @@ def default_vector_lanes(target) -> int:
     Asks LLVM about the target's features (``llvm_get_vector_width`` answers 512 for every x86
     CPU in this TVM build, so it cannot be used).
     """
-    from tvm.target import codegen
+    from apq.kernels.cpu_schedules import target_has
 
     t = tvm_target(target)
-    try:
-        if "aarch64" in str(t.attrs.get("mtriple", "")):
-            return 4
-        if codegen.target_has_features("avx512f", t):
-            return 16
-        if codegen.target_has_features("avx2", t):
-            return 8
-    except Exception:  # non-LLVM target or feature query unavailable: a safe 128-bit default
-        pass
-    return 4
+    if "aarch64" in str(t.attrs.get("mtriple", "")):
+        return 4
+    if target_has(t, "avx512f"):
+        return 16
+    return 8 if target_has(t, "avx2") else 4  # else (non-LLVM, SSE, NEON) a safe 128-bit default
 
 
 def tvm_target(target):
@@ -440,13 +433,6 @@ def tvm_target(target):
     if isinstance(target, dict):
         return tvm.target.Target(target)
     return target
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    for d in range(min(n, max(limit, 1)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
 
 
 def _register_lanes(channels: int, lanes: int) -> int:

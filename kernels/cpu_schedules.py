@@ -177,38 +177,31 @@ class CpuScheduleConfig:
     @staticmethod
     def for_target(target: Any) -> "CpuScheduleConfig":
         """Derive the config from a TVM target (LLVM's feature list for the target's CPU)."""
-        from tvm.target import codegen
-
         attrs = dict(target.attrs)
         cores = int(attrs.get("num-cores", 1) or 1)
-        bits = 128
-        for feature, width in _VECTOR_BITS_BY_FEATURE:
-            try:
-                if codegen.target_has_features(feature, target):
-                    bits = width
-                    break
-            except Exception:  # feature unknown to this LLVM backend: not present
-                continue
-        dot = ""
-        for feature, family in _INT8_DOT_BY_FEATURE:
-            try:
-                if codegen.target_has_features(feature, target):
-                    dot = family
-                    break
-            except Exception:  # feature unknown to this LLVM backend (e.g. aarch64): absent
-                continue
-        tile: dict[str, int] = {}
-        for feature, accumulators, max_oc in _REGISTER_TILE_BY_FEATURE:
-            try:
-                if codegen.target_has_features(feature, target):
-                    tile = {"accumulators": accumulators, "max_oc_tile": max_oc}
-                    break
-            except Exception:  # feature unknown to this LLVM backend: not present
-                continue
+        bits = next((width for feature, width in _VECTOR_BITS_BY_FEATURE if target_has(target, feature)), 128)
+        dot = next((family for feature, family in _INT8_DOT_BY_FEATURE if target_has(target, feature)), "")
+        tile: dict[str, int] = next(({"accumulators": accumulators, "max_oc_tile": max_oc}
+                                     for feature, accumulators, max_oc in _REGISTER_TILE_BY_FEATURE
+                                     if target_has(target, feature)), {})
         return CpuScheduleConfig(vector_bits=bits, num_cores=cores, int8_dot=dot, **tile)
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def target_has(target: Any, features: str | list[str]) -> bool:
+    """Whether LLVM says ``target`` (anything apq.kernels.bitserial.tvm_target accepts) has all of
+    ``features``; False for a feature or a target its backend does not know (e.g. an x86 feature
+    asked of an aarch64 target)."""
+    from tvm.target import codegen
+
+    from apq.kernels.bitserial import tvm_target
+
+    try:
+        return bool(codegen.target_has_features(features, tvm_target(target)))
+    except Exception:  # not an LLVM target, or a feature unknown to its backend: not present
+        return False
 
 
 def _divisors_up_to(n: int, cap: int) -> list[int]:

@@ -195,21 +195,31 @@ def reference_output(layer: ConvLayer, x: np.ndarray, w: np.ndarray) -> np.ndarr
     return out.astype(np.int32)
 
 
-def _bitserial_config_and_weights(layer: ConvLayer, w: np.ndarray, target: Any, arch: str):
-    """(registry entry, BitserialConfig, packed weights) the lowering would use for this layer."""
+@dataclass(frozen=True)
+class _BitserialLayer:
+    """What the lowering would use for a layer's bit-serial kernel: the kernel registry's entry,
+    the kernel config and the packed weights (built once per measurement, used by both kernels)."""
+
+    entry: Any
+    cfg: Any
+    packed: np.ndarray
+
+
+def _bitserial_layer(layer: ConvLayer, w: np.ndarray, target: Any, arch: str) -> _BitserialLayer:
     from apq.kernels import bitserial
     from apq.kernels.registry import find_kernel
 
     cfg = bitserial.kernel_config(layer.op, layer.a_bits, layer.w_bits, layer.mode, layer.stride, layer.padding,
                                   layer.in_channels, layer.kernel, target)
-    return find_kernel(_REGISTRY_OPS[layer.op], layer.a_bits, layer.w_bits, arch), cfg, _packed_weights(layer, w, cfg)
+    return _BitserialLayer(find_kernel(_REGISTRY_OPS[layer.op], layer.a_bits, layer.w_bits, arch), cfg,
+                           _packed_weights(layer, w, cfg))
 
 
-def _bitserial_kernel(layer: ConvLayer, x: np.ndarray, w: np.ndarray, target: Any, arch: str):
+def _bitserial_kernel(layer: ConvLayer, x: np.ndarray, bs: _BitserialLayer, target: Any):
     """(scheduled PrimFunc, its arguments: x, packed weights, zeroed output) of the bit-serial
     kernel the lowering would emit for this layer (the same registry entry and builder), on its
     own: the exactness check runs it and compares the int32 sums with NumPy."""
-    spec, cfg, wp = _bitserial_config_and_weights(layer, w, target, arch)
+    spec, cfg, wp = bs.entry, bs.cfg, bs.packed
     func = spec.builder(x.shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=True)
     return func, [x, wp, np.zeros((1, *layer.out_hw, layer.out_channels), "int32")]
 
@@ -262,7 +272,7 @@ def _scheduled_kernels(mod: Any, target: Any) -> list[tuple[Any, list[np.ndarray
     return [(f, _random_args(f, 0)) for f in funcs]
 
 
-def _bitserial_kernels(layer: ConvLayer, w: np.ndarray, target: Any, arch: str) -> list[tuple[Any, list[np.ndarray]]]:
+def _bitserial_kernels(layer: ConvLayer, bs: _BitserialLayer, target: Any) -> list[tuple[Any, list[np.ndarray]]]:
     """The scheduled PrimFuncs of the bit-serial layer with its requantize epilogue, as the
     lowering emits it (toolchain/bitserial_lowering.py): a stride-1 unpadded pointwise kernel
     fusable, so the epilogue runs on its register tiles; other layers opaque, the epilogue a kernel
@@ -271,7 +281,7 @@ def _bitserial_kernels(layer: ConvLayer, w: np.ndarray, target: Any, arch: str) 
 
     from apq.kernels import bitserial
 
-    spec, cfg, wp = _bitserial_config_and_weights(layer, w, target, arch)
+    spec, cfg, wp = bs.entry, bs.cfg, bs.packed
     in_shape = (1, layer.height, layer.width, layer.in_channels)
     fuse = bitserial.fuses_epilogue(layer.op, layer.stride, layer.padding, target)
     func = spec.builder(in_shape, wp.shape, cfg=cfg, kernel_size=layer.kernel, target=target, scheduled=not fuse)
@@ -407,8 +417,9 @@ def time_layer(layer: ConvLayer, spec: Any, nhwc: bool, cfg: Any = None, board: 
     target = spec.tvm()
     x, w = _random_operands(layer)
     with target:
-        check = _bitserial_kernel(layer, x, w, target, spec.arch)
-        kernels = {"bitserial": _bitserial_kernels(layer, w, target, spec.arch),
+        bs = _bitserial_layer(layer, w, target, spec.arch)
+        check = _bitserial_kernel(layer, x, bs, target)
+        kernels = {"bitserial": _bitserial_kernels(layer, bs, target),
                    "int8": _int8_kernels(layer, w, nhwc, target)}
     times, bs_out = (_time_here(kernels, check, target, cfg) if board is None
                      else _time_on_board(kernels, check, spec, board, cfg))

@@ -41,14 +41,9 @@ def supports(channels: int, padding: int, stride: int, word_bits: int, x_dtype: 
     if (channels % WORD_BITS or padding or stride != 1 or word_bits != WORD_BITS or x_dtype != "uint8"
             or target is None):
         return False
-    from tvm.target import codegen
+    from apq.kernels.cpu_schedules import target_has
 
-    from apq.kernels.bitserial import tvm_target
-
-    try:
-        return bool(codegen.target_has_features("avx2", tvm_target(target)))
-    except Exception:  # not an LLVM x86 target
-        return False
+    return target_has(target, "avx2")
 
 
 def te_pack_activations(x: Any, a_bits: int, name: str = PACK_BLOCK) -> Any:

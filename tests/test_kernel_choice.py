@@ -61,7 +61,7 @@ def test_both_kernels_are_timed_with_the_requantize_epilogue_they_run_with() -> 
     layer = ConvLayer("pointwise", 8, 8, 16, 32, 1, 1, 0, 2, 2, "signed")
     _, w = kernel_choice._random_operands(layer)
     with target:
-        bs = kernel_choice._bitserial_kernels(layer, w, target, spec.arch)
+        bs = kernel_choice._bitserial_kernels(layer, kernel_choice._bitserial_layer(layer, w, target, spec.arch), target)
         i8 = kernel_choice._int8_kernels(layer, w, "avx512vnni" in spec.features, target)
     assert len(bs) == 1  # the conv, its packing and its epilogue in one kernel
     s_tir.Schedule(bs[0][0]).get_sblock("bsconv_update")  # the register-tile reduction (raises if absent)
